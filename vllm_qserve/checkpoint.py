@@ -1,0 +1,231 @@
+"""Reading and validating QServe checkpoints before vLLM loads a single weight.
+
+Official zoo checkpoints carry no quantization_config: the mode is whatever tensors are present
+(``s2_scales``/``s2_zeros`` -> group 128, ``s1_szeros`` -> per-channel, ``weight`` + ``dequant_scale`` -> W8A8).
+``inspect_checkpoint`` reads only headers (safetensors) or a memory-mapped ``torch.load(weights_only=True)``
+(.bin/.pt), checks every projection of every layer against the model config, and raises one clear error
+naming the first problem.  Nothing here ever unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+W4_PER_CHANNEL = ("qweight", "s1_scales", "s1_szeros")
+W4_PER_GROUP = ("qweight", "s1_scales", "s2_scales", "s2_zeros")
+W8 = ("weight", "dequant_scale")
+QUANT_SUFFIXES = ("qweight", "s1_scales", "s1_szeros", "s2_scales", "s2_zeros", "dequant_scale")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.(\w+)$")
+
+
+class CheckpointError(ValueError):
+    """A QServe checkpoint that cannot be served as it is; the message names the file or tensor at fault."""
+
+
+@dataclass
+class TensorMeta:
+    dtype: torch.dtype
+    shape: tuple
+
+
+@dataclass
+class CheckpointInfo:
+    files: list
+    tensors: dict = field(default_factory=dict)  # name -> TensorMeta
+    weight_bits: int | None = None
+    group_size: int | None = None
+
+
+def checkpoint_files(model_dir: str) -> list:
+    """The weight files vLLM will load: *.safetensors if any, else *.bin / *.pt."""
+    st = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if st:
+        return st
+    pt = sorted(glob.glob(os.path.join(model_dir, "*.bin")) + glob.glob(os.path.join(model_dir, "*.pt")))
+    if not pt:
+        raise CheckpointError(f"no *.safetensors, *.bin or *.pt weight file in {model_dir}")
+    return pt
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+
+
+def _read_safetensors_header(path: str) -> dict:
+    """Parse the header ourselves so that bad offsets/sizes get an error naming the tensor."""
+    import json
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, "
+                                  f"file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    data_bytes = size - 8 - n
+    metas = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+        shape = tuple(entry["shape"])
+        start, end = entry["data_offsets"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - start != numel * dtype.itemsize or start < 0 or end > data_bytes:
+            raise CheckpointError(f"{path}: tensor {name} has data offsets [{start}, {end}) that do not match its "
+                                  f"shape {list(shape)} and dtype or run past the end of the file "
+                                  f"({data_bytes} data bytes): the file is truncated or corrupt")
+        metas[name] = TensorMeta(dtype, shape)
+    return metas
+
+
+def load_torch_file(path: str, mmap: bool = True) -> dict:
+    """torch.load with weights_only=True; turns the usual failures into errors a user can act on."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):  # legacy (non-zip) format cannot be memory-mapped
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: the file holds pickled objects other than tensors "
+                              f"(loaded with weights_only=True; {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint, it is truncated or corrupt "
+                              f"({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a state dict of name -> tensor, got {type(obj).__name__}")
+    return obj
+
+
+def read_tensor_metas(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        return _read_safetensors_header(path)
+    return {k: TensorMeta(v.dtype, tuple(v.shape)) for k, v in load_torch_file(path).items()}
+
+
+def _expected_shapes(hf_config) -> dict:
+    hidden = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    inter = hf_config.intermediate_size
+    return {  # projection -> (N = out features, K = in features)
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+
+
+def expected_tensors(n: int, k: int, weight_bits: int, group_size: int) -> dict:
+    """name suffix -> (allowed dtypes, shape) for one projection of N outputs and K inputs."""
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if weight_bits == 8:
+        return {"weight": ((torch.int8,), (n, k)), "dequant_scale": (floats, (n,))}
+    out = {"qweight": ((torch.int8,), (n, k // 2)), "s1_scales": (floats, (n,))}
+    if group_size == -1:
+        out["s1_szeros"] = (floats, (n,))
+    else:
+        out["s2_scales"] = ((torch.int8,), (k // group_size, n))
+        out["s2_zeros"] = ((torch.int8,), (k // group_size, n))
+    return out
+
+
+def check_projection_dims(name: str, n: int, k: int, weight_bits: int, group_size: int) -> None:
+    if n % 32:
+        raise CheckpointError(f"{name}: output dim {n} is not a multiple of 32, which QServe's packed layout needs")
+    if weight_bits == 4 and k % 32:
+        raise CheckpointError(f"{name}: input dim {k} is not a multiple of 32, which QServe's packed layout needs")
+    if group_size == 128 and k % 128:
+        raise CheckpointError(f"{name}: input dim {k} is not a multiple of 128, so group-128 quantization cannot "
+                              f"apply; use a per-channel (group_size -1) checkpoint for this model")
+
+
+def detect_mode(tensors: dict) -> tuple[int, int]:
+    """(weight_bits, group_size) from the tensors present; raises on a mix."""
+    kinds = {}
+    for name in tensors:
+        m = _LAYER_RE.match(name)
+        if m is None:
+            if name.rsplit(".", 1)[-1] in QUANT_SUFFIXES:
+                raise CheckpointError(f"quantized tensor {name} does not follow Llama-style layer names "
+                                      f"(model.layers.N.self_attn.{{q,k,v,o}}_proj / mlp.{{gate,up,down}}_proj); "
+                                      f"qserve serves Llama-architecture checkpoints")
+            continue
+        layer, proj, suffix = m.groups()
+        if suffix == "s2_scales":
+            kinds[f"{layer}.{proj}"] = (4, 128)
+        elif suffix == "s1_szeros":
+            kinds[f"{layer}.{proj}"] = (4, -1)
+        elif suffix == "dequant_scale":
+            kinds[f"{layer}.{proj}"] = (8, -1)
+    modes = set(kinds.values())
+    if not modes:
+        raise CheckpointError("no QServe-quantized projection found (no s1_szeros, s2_scales or dequant_scale "
+                              "tensors): this is not a QServe checkpoint")
+    if len(modes) > 1:
+        examples = {mode: key for key, mode in kinds.items()}
+        desc = ", ".join(f"layer {key} is {'W8A8' if m[0] == 8 else f'W4 group {m[1]}'}"
+                         for m, key in examples.items())
+        raise CheckpointError(f"mixed quantization modes in one checkpoint ({desc}); qserve needs one group size "
+                              f"and weight width for every layer")
+    return modes.pop()
+
+
+def inspect_checkpoint(model_dir: str, hf_config=None) -> CheckpointInfo:
+    files = checkpoint_files(model_dir)
+    info = CheckpointInfo(files=files)
+    for path in files:
+        info.tensors.update(read_tensor_metas(path))
+    info.weight_bits, info.group_size = detect_mode(info.tensors)
+    if hf_config is not None:
+        validate_tensors(info, hf_config)
+    return info
+
+
+def validate_tensors(info: CheckpointInfo, hf_config) -> None:
+    shapes = _expected_shapes(hf_config)
+    for layer in range(hf_config.num_hidden_layers):
+        for proj, (n, k) in shapes.items():
+            prefix = f"model.layers.{layer}.{proj}"
+            check_projection_dims(prefix, n, k, info.weight_bits, info.group_size)
+            for suffix, (dtypes, shape) in expected_tensors(n, k, info.weight_bits, info.group_size).items():
+                name = f"{prefix}.{suffix}"
+                meta = info.tensors.get(name)
+                if meta is None:
+                    raise CheckpointError(f"checkpoint is missing tensor {name} "
+                                          f"({'W8A8' if info.weight_bits == 8 else f'W4A8 group {info.group_size}'} "
+                                          f"layout expects {', '.join(expected_tensors(n, k, info.weight_bits, info.group_size))})")
+                if meta.dtype not in dtypes:
+                    raise CheckpointError(f"tensor {name} has dtype {meta.dtype}, expected "
+                                          f"{' or '.join(str(d) for d in dtypes)}")
+                if tuple(meta.shape) != tuple(shape):
+                    raise CheckpointError(f"tensor {name} has shape {list(meta.shape)}, expected {list(shape)} "
+                                          f"for a projection of {n} outputs x {k} inputs")

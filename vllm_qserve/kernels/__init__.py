@@ -1,0 +1,34 @@
+"""Kernel selection for QServe linear layers: the first kernel that can implement a layer wins."""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+
+from vllm_qserve.kernels.base import LinearSpec, QServeLinearKernel
+from vllm_qserve.kernels.torch_reference import TorchReferenceKernel
+
+logger = init_logger(__name__)
+
+# Fastest first.  Compiled CUDA kernels are inserted ahead of the reference when the extension is built.
+KERNELS: list[type[QServeLinearKernel]] = [TorchReferenceKernel]
+_logged: set = set()
+
+
+def choose_kernel(spec: LinearSpec) -> QServeLinearKernel:
+    reasons = []
+    for cls in KERNELS:
+        ok, why = cls.can_implement(spec)
+        if ok:
+            key = (cls.name, spec.mode, spec.device_type, tuple(reasons))
+            if key not in _logged:
+                _logged.add(key)
+                skipped = "; ".join(reasons)
+                logger.info("qserve: %s linears on %s run on the %s kernel%s", spec.mode, spec.device_type,
+                            cls.name, f" (skipped: {skipped})" if skipped else "")
+            return cls(spec)
+        reasons.append(f"{cls.name}: {why}")
+    raise ValueError(f"no QServe kernel can run a {spec.mode} layer of {spec.out_features}x{spec.in_features} "
+                     f"on {spec.device_type}: " + "; ".join(reasons))
+
+
+__all__ = ["KERNELS", "LinearSpec", "QServeLinearKernel", "choose_kernel"]

@@ -1,0 +1,35 @@
+"""torch.ops.qserve.*: the compiled ops (when the CUDA extension is built) and their fake implementations.
+
+Fakes size every output from the symbolic input sizes so that vLLM's Dynamo tracing (fullgraph), Inductor and
+CUDA-graph capture can handle the ops without running them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from vllm_qserve import _C  # noqa: F401  (loads the library; TORCH_LIBRARY registers the ops)
+
+    HAS_CUDA_OPS = True
+    CUDA_OPS_IMPORT_ERROR = None
+except ImportError as e:  # pure-Python install (no nvcc / CPU-only torch at build time)
+    HAS_CUDA_OPS = False
+    CUDA_OPS_IMPORT_ERROR = str(e)
+
+if HAS_CUDA_OPS:
+
+    @torch.library.register_fake("qserve::quantize_per_token")
+    def _quantize_per_token_fake(x: torch.Tensor, with_sum: bool):
+        lead = x.shape[:-1]
+        return (
+            torch.empty_like(x, dtype=torch.int8),
+            x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead if with_sum else (0,), dtype=torch.float32),
+        )
+
+
+def cuda_ops_available() -> tuple[bool, str | None]:
+    if not HAS_CUDA_OPS:
+        return False, f"the CUDA extension vllm_qserve._C is not built ({CUDA_OPS_IMPORT_ERROR})"
+    return True, None

@@ -1,0 +1,62 @@
+"""Dynamic per-token symmetric int8 activation quantization, alone and fused behind RMSNorm / SiLU-and-mul.
+
+Contract (the CUDA kernels implement exactly these fp32 operations):
+    amax  = max_k |x_k|                      (x upcast to fp32)
+    inv   = 127 / max(amax, 1e-30)
+    xq    = clamp(rint(x * inv), -127, 127)  as int8   (rint = round half to even)
+    scale = amax / 127                       fp32 [T]
+    xsum  = sum_k x_k                        fp32 [T], over the *unquantized* input (per-channel W4A8 only)
+
+Scales and sums are fp32, not fp16 as in QServe: QServe is fp16-only, we also serve bf16, whose range exceeds
+fp16's, and a fp16 sum over K=14336 channels overflows easily.  The extra bytes are 8 per token.
+
+The fused variants are *defined* as the composition with the intermediate rounded to the activation dtype,
+so fusing (an Inductor pass or a fused kernel) never changes a model's numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_AMAX_FLOOR = 1e-30
+
+
+def quantize_per_token(x: torch.Tensor, with_sum: bool = False):
+    """x [..., K] fp16/bf16/fp32 -> (xq int8 [..., K], scale fp32 [...], xsum fp32 [...] or None)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    inv = 127.0 / amax.clamp(min=_AMAX_FLOOR)
+    xq = torch.round(xf * inv.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    scale = amax / 127.0
+    xsum = xf.sum(dim=-1) if with_sum else None
+    return xq, scale, xsum
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """vLLM's RMSNorm: normalise in fp32, round to the input dtype, then apply the gain in that dtype."""
+    xf = x.float()
+    var = xf.pow(2).mean(dim=-1, keepdim=True)
+    y = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    return y * weight.to(x.dtype)
+
+
+def rms_norm_quant(x, weight, eps: float, with_sum: bool = False):
+    return quantize_per_token(rms_norm(x, weight, eps), with_sum)
+
+
+def add_rms_norm_quant(x, residual, weight, eps: float, with_sum: bool = False):
+    """residual <- x + residual (in the activation dtype); returns (xq, scale, xsum, new_residual)."""
+    new_residual = x + residual
+    xq, scale, xsum = quantize_per_token(rms_norm(new_residual, weight, eps), with_sum)
+    return xq, scale, xsum, new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2d] -> [..., d]: silu(gate) * up with gate the first half (vLLM / QServe convention)."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def silu_mul_quant(x, with_sum: bool = False):
+    return quantize_per_token(silu_and_mul(x), with_sum)
