@@ -212,10 +212,11 @@ def inspect_checkpoint(model_dir: str, hf_config=None) -> CheckpointInfo:
 
 def validate_tensors(info: CheckpointInfo, hf_config) -> None:
     shapes = _expected_shapes(hf_config)
+    for proj, (n, k) in shapes.items():  # model-level problems first: they explain every tensor-level one
+        check_projection_dims(f"model.layers.*.{proj}", n, k, info.weight_bits, info.group_size)
     for layer in range(hf_config.num_hidden_layers):
         for proj, (n, k) in shapes.items():
             prefix = f"model.layers.{layer}.{proj}"
-            check_projection_dims(prefix, n, k, info.weight_bits, info.group_size)
             for suffix, (dtypes, shape) in expected_tensors(n, k, info.weight_bits, info.group_size).items():
                 name = f"{prefix}.{suffix}"
                 meta = info.tensors.get(name)

@@ -1,0 +1,87 @@
+"""An independent reference forward: transformers' Llama with dequantized weights and simulated W4A8.
+
+Written from the format's definition, not from vllm_qserve's reference module, so that a shared mistake in the
+plugin cannot make both sides agree.  Every nn.Linear of the decoder layers becomes
+    y = (xq * sx) @ (s1 * q)^T - s1_szeros * sum(x)    (per-channel)
+    y = (xq * sx) @ (s1 * w8)^T                       (group 128 / W8A8)
+with xq, sx the per-token int8 quantization of the layer input, all in float64.
+"""
+
+import torch
+
+Q = "model.layers.{}.{}"
+
+
+def _unpack(qweight):
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    b = qweight.view(torch.uint8).reshape(-1).long()
+    q = torch.empty(n, k, dtype=torch.long)
+    idx = torch.arange(n * k // 2)
+    tile, within = idx // 512, idx % 512
+    nt, kt = tile // (k // 32), tile % (k // 32)
+    lane, j = within // 16, within % 16
+    r, t = lane // 4, lane % 4
+    kh, nh, e = j // 8, (j // 4) % 2, j % 4
+    row, col = nt * 32 + nh * 8 + r, kt * 32 + kh * 16 + t * 4 + e
+    q[row, col] = b & 15
+    q[row + 16, col] = b >> 4
+    return q
+
+
+def dequantized_weight(tensors, prefix):
+    """float64 [N, K] integer weights times the per-channel scale, plus the zero term (per-channel only)."""
+    if f"{prefix}.weight" in tensors and tensors[f"{prefix}.weight"].dtype == torch.int8:
+        return tensors[f"{prefix}.weight"].double() * tensors[f"{prefix}.dequant_scale"].double()[:, None], None
+    q = _unpack(tensors[f"{prefix}.qweight"]).double()
+    s1 = tensors[f"{prefix}.s1_scales"].double()[:, None]
+    if f"{prefix}.s1_szeros" in tensors:
+        return q * s1, tensors[f"{prefix}.s1_szeros"].double()
+    n, k = q.shape
+    s2 = tensors[f"{prefix}.s2_scales"].long()  # [K/128, N], permuted within 32
+    z2 = tensors[f"{prefix}.s2_zeros"].long()
+    perm = torch.tensor([(c % 8) * 4 + (c % 32) // 8 for c in range(32)])
+    nat = torch.cat([blk + perm for blk in range(0, n, 32)])  # natural channel c sits at stored position nat[c]
+    s2n, z2n = s2[:, nat].t(), z2[:, nat].t()  # [N, K/128]
+    w8 = (q.long().view(n, k // 128, 128) * s2n[..., None] + z2n[..., None]) % 256
+    w8 = torch.where(w8 > 127, w8 - 256, w8).view(n, k)
+    return w8.double() * s1, None
+
+
+class SimQuantLinear(torch.nn.Module):
+    def __init__(self, w, szeros, bias):
+        super().__init__()
+        self.w, self.szeros, self.b = w, szeros, bias
+
+    def forward(self, x):
+        # The activation-quantization contract is defined in fp32 (docs/format.md): same ops, same rounding.
+        x32 = x.float()
+        amax = x32.abs().amax(-1, keepdim=True)
+        inv = 127.0 / amax.clamp(min=1e-30)
+        xq = torch.round(x32 * inv).clamp(-127, 127).double()
+        sx = (amax / 127.0).double()
+        x64 = x32.double()
+        y = (xq * sx) @ self.w.t()
+        if self.szeros is not None:
+            y = y - x64.sum(-1, keepdim=True) * self.szeros
+        if self.b is not None:
+            y = y + self.b.double()
+        return y.to(x.dtype)
+
+
+def build_reference_model(config, fp_state, qserve_tensors):
+    """transformers LlamaForCausalLM in fp32 with non-linear weights from the checkpoint and simulated W4A8 linears."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config).float().eval()
+    state = {k: v.float() for k, v in qserve_tensors.items() if v.dtype in (torch.float16, torch.bfloat16)
+             and not k.endswith(("s1_scales", "s1_szeros", "dequant_scale"))}
+    model.load_state_dict(state, strict=False)
+    for i, layer in enumerate(model.model.layers):
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                part = "self_attn" if parent is layer.self_attn else "mlp"
+                w, sz = dequantized_weight(qserve_tensors, f"model.layers.{i}.{part}.{name}")
+                old = getattr(parent, name)
+                setattr(parent, name, SimQuantLinear(w, sz, old.bias))
+    return model

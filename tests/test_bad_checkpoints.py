@@ -1,0 +1,171 @@
+"""Every kind of bad checkpoint gets an error that names the problem, before any kernel runs."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from vllm_qserve.checkpoint import CheckpointError, inspect_checkpoint
+from vllm_qserve.config import QServeConfig
+from vllm_qserve.precision import parse_precision
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _tamper(fixture_ckpt, tmp_path, edit, group_size=-1):
+    src, _, _ = fixture_ckpt(group_size=group_size)
+    d = _copy(src, tmp_path / "bad")
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    return d
+
+
+def _inspect(d):
+    return inspect_checkpoint(d, AutoConfig.from_pretrained(d))
+
+
+def test_good_checkpoints_pass(fixture_ckpt):
+    for gs in (-1, 128):
+        d, _, _ = fixture_ckpt(group_size=gs)
+        info = _inspect(d)
+        assert (info.weight_bits, info.group_size) == (4, gs)
+    d, _, _ = fixture_ckpt(weight_bits=8)
+    assert _inspect(d).weight_bits == 8
+
+
+def test_missing_tensor(fixture_ckpt, tmp_path):
+    d = _tamper(fixture_ckpt, tmp_path, lambda t: t.pop(f"{Q}.s1_scales"))
+    with pytest.raises(CheckpointError, match=rf"missing tensor {Q}\.s1_scales"):
+        _inspect(d)
+
+
+def test_wrong_dtype(fixture_ckpt, tmp_path):
+    d = _tamper(fixture_ckpt, tmp_path, lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"].half()}))
+    with pytest.raises(CheckpointError, match=rf"{Q}\.qweight has dtype torch.float16, expected torch.int8"):
+        _inspect(d)
+
+
+def test_wrong_shape(fixture_ckpt, tmp_path):
+    d = _tamper(fixture_ckpt, tmp_path, lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"][:, :64].contiguous()}))
+    with pytest.raises(CheckpointError, match=rf"{Q}\.qweight has shape \[256, 64\], expected \[256, 128\]"):
+        _inspect(d)
+
+
+def _edit_config(d, **changes):
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def test_output_dim_not_multiple_of_32(fixture_ckpt, tmp_path):
+    d = _copy(fixture_ckpt(group_size=-1)[0], tmp_path / "bad")
+    _edit_config(d, intermediate_size=520)
+    with pytest.raises(CheckpointError, match="output dim 520 is not a multiple of 32"):
+        _inspect(d)
+
+
+def test_input_dim_not_multiple_of_128_in_group_mode(fixture_ckpt, tmp_path):
+    d = _copy(fixture_ckpt(group_size=128)[0], tmp_path / "bad")
+    _edit_config(d, intermediate_size=544)  # multiple of 32, not of 128: down_proj input
+    with pytest.raises(CheckpointError, match="input dim 544 is not a multiple of 128"):
+        _inspect(d)
+
+
+def test_mixed_group_sizes(fixture_ckpt, tmp_path):
+    def mix(t):
+        t.pop(f"{Q}.s1_szeros")
+        t[f"{Q}.s2_scales"] = torch.ones(2, 256, dtype=torch.int8)
+        t[f"{Q}.s2_zeros"] = torch.zeros(2, 256, dtype=torch.int8)
+
+    d = _tamper(fixture_ckpt, tmp_path, mix)
+    with pytest.raises(CheckpointError, match="mixed quantization modes"):
+        _inspect(d)
+
+
+def test_quantization_config_contradicts_tensors(fixture_ckpt):
+    d, _, _ = fixture_ckpt(group_size=-1)
+    cfg = QServeConfig.from_config({"quant_method": "qserve", "group_size": 128})
+    with pytest.raises(CheckpointError, match="quantization_config says group_size=128 but the checkpoint's tensors"):
+        cfg.maybe_update_config(d, AutoConfig.from_pretrained(d))
+
+
+def test_unsupported_precision_and_group_size():
+    with pytest.raises(ValueError, match="unsupported QServe precision 'w3a8kv4'"):
+        parse_precision("w3a8kv4")
+    with pytest.raises(ValueError, match="unsupported QServe precision"):
+        QServeConfig.from_config({"quant_method": "qserve", "precision": "w4a4"})
+    with pytest.raises(ValueError, match="unsupported QServe group size 64"):
+        QServeConfig.from_config({"quant_method": "qserve", "group_size": 64})
+    with pytest.raises(ValueError, match="W8A8 QServe checkpoints are per-channel only"):
+        QServeConfig.from_config({"quant_method": "qserve", "precision": "w8a8kv4", "group_size": 128})
+
+
+def test_non_llama_layer_names(fixture_ckpt, tmp_path):
+    def rename(t):
+        for k in [k for k in t if k.startswith("model.layers.1.mlp.")]:
+            t[k.replace("model.layers.1.mlp.", "transformer.h.1.ffn.")] = t.pop(k)
+
+    d = _tamper(fixture_ckpt, tmp_path, rename)
+    with pytest.raises(CheckpointError, match="does not follow Llama-style layer names"):
+        _inspect(d)
+
+
+def test_truncated_safetensors(fixture_ckpt, tmp_path):
+    d = _copy(fixture_ckpt(group_size=-1)[0], tmp_path / "bad")
+    path = os.path.join(d, "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        _inspect(d)
+
+
+def test_truncated_bin(fixture_ckpt, tmp_path):
+    d = _copy(fixture_ckpt(group_size=-1, fmt="bin", zoo_style=True)[0], tmp_path / "bad")
+    path = os.path.join(d, "pytorch_model.bin")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        _inspect(d)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/qserve-pwned",))
+
+
+def test_bin_with_pickled_object_is_refused_without_running_it(fixture_ckpt, tmp_path):
+    d = _copy(fixture_ckpt(group_size=-1, fmt="bin", zoo_style=True)[0], tmp_path / "bad")
+    state = torch.load(os.path.join(d, "pytorch_model.bin"), weights_only=True)
+    state["model.layers.0.extra"] = _Payload()
+    torch.save(state, os.path.join(d, "pytorch_model.bin"))
+    if os.path.exists("/tmp/qserve-pwned"):
+        os.remove("/tmp/qserve-pwned")
+    with pytest.raises(CheckpointError, match="refused to load: the file holds pickled objects other than tensors"):
+        _inspect(d)
+    assert not os.path.exists("/tmp/qserve-pwned")
+
+
+def test_zoo_bin_detected_from_tensors(fixture_ckpt):
+    d, _, _ = fixture_ckpt(group_size=128, fmt="bin", zoo_style=True)
+    assert "quantization_config" not in json.load(open(os.path.join(d, "config.json")))
+    cfg = QServeConfig()  # what `--quantization qserve` builds for a checkpoint with no quantization_config
+    cfg.maybe_update_config(d, AutoConfig.from_pretrained(d))
+    assert (cfg.weight_bits, cfg.group_size) == (4, 128)

