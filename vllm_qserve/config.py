@@ -18,7 +18,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm_qserve.checkpoint import CheckpointError, inspect_checkpoint
 from vllm_qserve.precision import check_group_size, parse_precision
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
 
 QUANT_METHOD_NAMES = ("qserve", "qoq")
 

@@ -7,7 +7,7 @@ from vllm.logger import init_logger
 from vllm_qserve.kernels.base import LinearSpec, QServeLinearKernel
 from vllm_qserve.kernels.torch_reference import TorchReferenceKernel
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
 
 # Fastest first.  Compiled CUDA kernels are inserted ahead of the reference when the extension is built.
 KERNELS: list[type[QServeLinearKernel]] = [TorchReferenceKernel]

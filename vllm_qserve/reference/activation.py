@@ -26,9 +26,12 @@ def quantize_per_token(x: torch.Tensor, with_sum: bool = False):
     """x [..., K] fp16/bf16/fp32 -> (xq int8 [..., K], scale fp32 [...], xsum fp32 [...] or None)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    inv = 127.0 / amax.clamp(min=_AMAX_FLOOR)
+    # Tensor/tensor divisions on purpose: PyTorch's CUDA division by a Python scalar multiplies by the
+    # reciprocal (1 ulp off IEEE), which would move rounding boundaries away from the kernels' IEEE division.
+    c127 = torch.full_like(amax, 127.0)
+    inv = c127 / amax.clamp(min=_AMAX_FLOOR)
     xq = torch.round(xf * inv.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    scale = amax / 127.0
+    scale = amax / c127
     xsum = xf.sum(dim=-1) if with_sum else None
     return xq, scale, xsum
 
