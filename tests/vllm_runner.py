@@ -15,6 +15,8 @@ if __name__ == "__main__":
 
     llm_kwargs = dict(model=args["model"], dtype=args.get("dtype", "float32"), max_model_len=256, seed=0,
                       enforce_eager=args.get("enforce_eager", True), skip_tokenizer_init=True)
+    if args.get("tensor_parallel_size", 1) > 1:
+        llm_kwargs["tensor_parallel_size"] = args["tensor_parallel_size"]
     if args.get("quantization"):
         llm_kwargs["quantization"] = args["quantization"]
     llm = LLM(**llm_kwargs)
