@@ -169,3 +169,14 @@ def test_zoo_bin_detected_from_tensors(fixture_ckpt):
     cfg = QServeConfig()  # what `--quantization qserve` builds for a checkpoint with no quantization_config
     cfg.maybe_update_config(d, AutoConfig.from_pretrained(d))
     assert (cfg.weight_bits, cfg.group_size) == (4, 128)
+
+
+@pytest.mark.slow
+def test_error_reaches_the_vllm_user(fixture_ckpt, tmp_path):
+    """Through `vllm.LLM`, the checkpoint error is what the user sees (vLLM wraps it in its config validation
+    error), before any engine process starts."""
+    from vllm import LLM
+
+    d = _tamper(fixture_ckpt, tmp_path, lambda t: t.pop(f"{Q}.s1_szeros"))
+    with pytest.raises(Exception, match=rf"missing tensor {Q}\.s1_szeros \(W4A8 per-channel layout"):
+        LLM(model=d, max_model_len=128, enforce_eager=True)

@@ -168,6 +168,12 @@ def check_projection_dims(name: str, n: int, k: int, weight_bits: int, group_siz
                               f"apply; use a per-channel (group_size -1) checkpoint for this model")
 
 
+def mode_name(weight_bits: int, group_size: int) -> str:
+    if weight_bits == 8:
+        return "W8A8"
+    return "W4A8 per-channel" if group_size == -1 else f"W4A8 group-{group_size}"
+
+
 def detect_mode(tensors: dict) -> tuple[int, int]:
     """(weight_bits, group_size) from the tensors present; raises on a mix."""
     kinds = {}
@@ -192,7 +198,7 @@ def detect_mode(tensors: dict) -> tuple[int, int]:
                               "tensors): this is not a QServe checkpoint")
     if len(modes) > 1:
         examples = {mode: key for key, mode in kinds.items()}
-        desc = ", ".join(f"layer {key} is {'W8A8' if m[0] == 8 else f'W4 group {m[1]}'}"
+        desc = ", ".join(f"layer {key} is {mode_name(*m)}"
                          for m, key in examples.items())
         raise CheckpointError(f"mixed quantization modes in one checkpoint ({desc}); qserve needs one group size "
                               f"and weight width for every layer")
@@ -222,7 +228,7 @@ def validate_tensors(info: CheckpointInfo, hf_config) -> None:
                 meta = info.tensors.get(name)
                 if meta is None:
                     raise CheckpointError(f"checkpoint is missing tensor {name} "
-                                          f"({'W8A8' if info.weight_bits == 8 else f'W4A8 group {info.group_size}'} "
+                                          f"({mode_name(info.weight_bits, info.group_size)} "
                                           f"layout expects {', '.join(expected_tensors(n, k, info.weight_bits, info.group_size))})")
                 if meta.dtype not in dtypes:
                     raise CheckpointError(f"tensor {name} has dtype {meta.dtype}, expected "
