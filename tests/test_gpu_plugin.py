@@ -52,7 +52,9 @@ def test_fixture_on_gpu_matches_reference(fixture_ckpt, tmp_path, group_size):
     eager = run_vllm(tmp_path, model=ckpt[0], prompts=ps, dtype="float16", enforce_eager=True)
     check_layers_exact(ckpt[0], eager["probe_path"])
     # An fp16 model (attention, norms and residual stream in fp16) against the fp32 reference: fp16 rounding
-    # flips activation codes more often than fp32 does, so the per-token tolerance is 0.6 nats here.
-    check_against_reference(ckpt, eager["generations"], ps, tol=FP16_TOL)
+    # flips activation codes more often than fp32 does, so the per-token tolerance is 0.6 nats here, and a
+    # sequence may leave the reference at its first token when that token is a near-tie (seen on the H100 for
+    # the per-channel fixture: two of three prompts).  Every divergence must still be a near-tie.
+    check_against_reference(ckpt, eager["generations"], ps, tol=FP16_TOL, min_compared=1)
     graphs = run_vllm(model=ckpt[0], prompts=ps, dtype="float16", enforce_eager=False)  # compile + CUDA graphs
-    check_against_reference(ckpt, graphs["generations"], ps, tol=FP16_TOL)
+    check_against_reference(ckpt, graphs["generations"], ps, tol=FP16_TOL, min_compared=1)
