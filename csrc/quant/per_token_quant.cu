@@ -5,6 +5,7 @@
 #include "../dispatch.h"
 
 #include <cub/block/block_reduce.cuh>
+#include <string>
 
 namespace qserve {
 
@@ -54,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tens
   QSERVE_CHECK(x.dim() >= 1, "quantize_per_token: x must have at least one dim");
   const int64_t k = x.size(-1);
   const int64_t m = k ? x.numel() / k : 0;
-  QSERVE_CHECK(k > 0 && k < (int64_t(1) << 31), "quantize_per_token: bad last dim ", k);
+  // std::to_string, not ostream << int64_t: see csrc/gemm/gemm_ops.cpp (that operator crashed on the GPU image).
+  QSERVE_CHECK(k > 0 && k < (int64_t(1) << 31), "quantize_per_token: bad last dim " + std::to_string(k));
   const at::cuda::OptionalCUDAGuard guard(x.device());
   auto lead = x.sizes().vec();
   lead.pop_back();

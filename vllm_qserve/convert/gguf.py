@@ -271,3 +271,194 @@ def hf_model_from_state_dict(state_dict: dict, hf_config: dict, dtype: torch.dty
     # Buffers (rotary inv_freq) were created on meta and are not in the state dict: rebuild them on the CPU.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.to(dtype).eval()
+
+
+# --- preparing the fp model for round-to-nearest W4A8 ---------------------------------------------------------------
+#
+# Plain round-to-nearest per-channel W4A8 of SmolLM2 is unusable through QServe's kernels (perplexity ~900 instead
+# of ~20 on a GPL-3 text sample), although the same weights with fake-quantized activations are fine (~33).  The
+# reason is QServe's per-channel epilogue, out = s1 * sx * sum(xq * q) - s1_szeros * sum(x): the zero-point term uses
+# the sum of the *unquantized* activations, so every per-token rounding error e_k reaches the output multiplied by
+# the uncentred code s1 * q_k in [0, range] instead of the centred weight.  The error grows with
+# (weight range / weight rms) * (activation max / activation rms), both large in a small model with outlier channels.
+# QServe's own checkpoints come out of QoQ (rotation, smoothing, clipping), which keeps both ratios small; this is a
+# calibration-light version of the same recipe, equivalent in exact arithmetic to the original model:
+#   1. fold the RMSNorm gains into the following projections and rotate the residual stream by a Hadamard matrix
+#      (activations into q/k/v and gate/up lose their outlier channels);
+#   2. rotate each attention head's V / o_proj input by a Hadamard matrix (outliers of the o_proj input);
+#   3. smooth the down_proj input (SiLU(gate) * up cannot be rotated offline) into up_proj rows;
+#   4. clip every weight row to the range that minimises its output error on calibration activations.
+# Measured on that text sample with the reference kernel's numerics: ~31 instead of ~900 (fp32 model: ~19).
+
+# A few hundred tokens in the chat format the demo serves: enough for activation maxima and clipping statistics, and
+# it keeps conversion offline (no calibration data set to download).
+_CALIBRATION_CHATS = (
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo, which is also the largest city in the country."),
+    ("Write a short poem about the sea.", "The sea rolls in with silver light,\nit hums a song into the night;\n"
+                                          "the waves return what tides have kept,\nand whisper where the sailors slept."),
+    ("Explain photosynthesis in simple terms.", "Photosynthesis is how plants make food. They use sunlight, water and "
+                                                "carbon dioxide to produce sugar and release oxygen into the air."),
+    ("How do I reverse a list in Python?", "You can reverse a list with `my_list.reverse()` to change it in place, or "
+                                           "use `my_list[::-1]` to get a new reversed copy."),
+    ("Give me three tips for better sleep.", "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n"
+                                             "3. Keep your bedroom cool, dark and quiet."),
+    ("Who wrote Pride and Prejudice?", "Pride and Prejudice was written by Jane Austen and published in 1813."),
+    ("What is 12 times 7?", "12 times 7 is 84."),
+    ("Translate 'good morning' into Spanish.", "'Good morning' in Spanish is 'buenos días'."),
+)
+_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def _paley12() -> torch.Tensor:
+    """The 12x12 Hadamard matrix of Paley's construction (q = 11): hidden sizes like 576 = 12 * 12 * 4 need it."""
+    q = 11
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([[0 if (j - i) % q == 0 else (1 if (j - i) % q in squares else -1) for j in range(q)]
+                        for i in range(q)], dtype=torch.float64)
+    s = torch.zeros(12, 12, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, chi
+    return torch.eye(12, dtype=torch.float64) + s
+
+
+def orthogonal_rotation(n: int, seed: int = 0) -> torch.Tensor:
+    """Normalised Hadamard matrix of order n (n = 12^a * 2^b), else a seeded random orthogonal matrix (float64).
+
+    Hadamard rather than random: every output coordinate mixes all inputs with equal weight, which flattens
+    outlier channels best (QuaRot, QServe).
+    """
+    h, m = torch.ones(1, 1, dtype=torch.float64), n
+    while m % 12 == 0:
+        h, m = torch.kron(h, _paley12()), m // 12
+    if m & (m - 1) == 0:
+        syl = torch.ones(1, 1, dtype=torch.float64)
+        while syl.shape[0] < m:
+            syl = torch.cat([torch.cat([syl, syl], 1), torch.cat([syl, -syl], 1)], 0)
+        return torch.kron(h, syl) / n ** 0.5
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _calibration_ids(tokenizer_dir: str) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.chat_template:
+        text = "".join(tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                               tokenize=False) for q, a in _CALIBRATION_CHATS)
+    else:
+        text = "\n\n".join(f"{q}\n{a}" for q, a in _CALIBRATION_CHATS)
+    return tok(text, return_tensors="pt").input_ids
+
+
+def _projection_inputs(state_dict: dict, hf_config: dict, ids: torch.Tensor) -> dict:
+    """Calibration inputs [T, K] of every projection (q/k/v and gate/up share theirs), from an fp32 forward."""
+    model = hf_model_from_state_dict(state_dict, hf_config)
+    inputs, hooks = {}, []
+    for name, mod in model.named_modules():
+        if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj")):
+            def hook(_mod, args, name=name):
+                inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def _rotate(sd: dict, cfg: dict) -> dict:
+    n_layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rot = orthogonal_rotation(cfg["hidden_size"])
+    head_rot = orthogonal_rotation(head_dim)
+    out = {}
+    emb = sd["model.embed_tokens.weight"].double()
+    lm_head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).double()
+    out["model.embed_tokens.weight"] = emb @ rot
+    # The final norm's gain goes into lm_head, which therefore can no longer share the embedding matrix.
+    out["lm_head.weight"] = (lm_head * sd["model.norm.weight"].double()) @ rot
+    out["model.norm.weight"] = torch.ones_like(sd["model.norm.weight"])
+    for i in tqdm(range(n_layers), desc="rotating", unit="layer", leave=False):
+        p = f"model.layers.{i}."
+        for norm, projs in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            gain = sd[p + norm + ".weight"].double()
+            out[p + norm + ".weight"] = torch.ones_like(sd[p + norm + ".weight"])
+            for proj in projs:
+                out[p + proj + ".weight"] = (sd[p + proj + ".weight"].double() * gain) @ rot
+        for proj in ("self_attn.o_proj", "mlp.down_proj"):
+            out[p + proj + ".weight"] = rot.t() @ sd[p + proj + ".weight"].double()
+        # v' = R^T v per head, and o_proj's columns of every head (GQA: all heads of a group read the same v) get R.
+        wv = out[p + "self_attn.v_proj.weight"].view(kv_heads, head_dim, -1)
+        out[p + "self_attn.v_proj.weight"] = torch.einsum("de,hdk->hek", head_rot, wv).reshape(kv_heads * head_dim, -1)
+        wo = out[p + "self_attn.o_proj.weight"].view(-1, heads, head_dim)
+        out[p + "self_attn.o_proj.weight"] = torch.einsum("ohd,de->ohe", wo, head_rot).reshape(-1, heads * head_dim)
+    for name, t in sd.items():
+        if name not in out:
+            if name.endswith("_proj.bias") or name.endswith("_proj.weight"):
+                raise ValueError(f"cannot rotate a model with tensor {name}")  # biases would need rotating too
+            out[name] = t
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def _smooth_down(sd: dict, cfg: dict, inputs: dict, alpha: float) -> None:
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp."
+        act = inputs[p + "down_proj"].abs().amax(0).clamp(min=1e-5)
+        wmax = sd[p + "down_proj.weight"].abs().amax(0).clamp(min=1e-5)
+        s = act.pow(alpha) / wmax.pow(1 - alpha)
+        sd[p + "down_proj.weight"] = sd[p + "down_proj.weight"] * s
+        sd[p + "up_proj.weight"] = sd[p + "up_proj.weight"] / s[:, None]
+
+
+def _clip(sd: dict, cfg: dict, inputs: dict) -> None:
+    from vllm_qserve.convert.rtn import quantize_w4_per_channel
+    from vllm_qserve.reference import dequantize_w4_per_channel
+
+    def rtn(w):
+        t = quantize_w4_per_channel(w)
+        return dequantize_w4_per_channel(t["qweight"], t["s1_scales"], t["s1_szeros"])
+
+    groups = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "self_attn.o_proj": ("self_attn.o_proj",),
+              "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+              "mlp.down_proj": ("mlp.down_proj",)}
+    for i in tqdm(range(cfg["num_hidden_layers"]), desc="clipping", unit="layer", leave=False):
+        p = f"model.layers.{i}."
+        for src, projs in groups.items():
+            x = inputs[p + src]
+            cov = x.t() @ x
+            for proj in projs:
+                w = sd[p + proj + ".weight"]
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+                best_err, best = None, w
+                for r in _CLIP_RATIOS:
+                    wc = torch.minimum(torch.maximum(w, lo * r), hi * r)
+                    d = rtn(wc) - w
+                    err = ((d @ cov) * d).sum(1)  # ||X d_j||^2 for every row j
+                    if best_err is None:
+                        best_err, best = err, wc.clone()
+                    else:
+                        better = err < best_err
+                        best_err = torch.where(better, err, best_err)
+                        best[better] = wc[better]
+                sd[p + proj + ".weight"] = best
+
+
+def prepare_for_w4a8(state_dict: dict, hf_config: dict, tokenizer_dir: str, smooth_alpha: float = 0.3) -> tuple:
+    """(state_dict, hf_config) of an equivalent fp model whose RTN per-channel W4A8 quantization serves well.
+
+    The returned config unties lm_head from the embedding (see _rotate); everything else is unchanged.
+    """
+    cfg = dict(hf_config)
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"W4A8 preparation only knows the Llama architecture, not {cfg.get('model_type')!r}")
+    ids = _calibration_ids(tokenizer_dir)
+    sd = _rotate(state_dict, cfg)
+    cfg["tie_word_embeddings"] = False
+    if smooth_alpha:
+        _smooth_down(sd, cfg, _projection_inputs(sd, cfg, ids), smooth_alpha)
+    _clip(sd, cfg, _projection_inputs(sd, cfg, ids))
+    return sd, cfg

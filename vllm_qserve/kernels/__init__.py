@@ -5,12 +5,14 @@ from __future__ import annotations
 from vllm.logger import init_logger
 
 from vllm_qserve.kernels.base import LinearSpec, QServeLinearKernel
+from vllm_qserve.kernels.cuda import CudaW4A8Kernel
 from vllm_qserve.kernels.torch_reference import TorchReferenceKernel
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
 
 # Fastest first.  Compiled CUDA kernels are inserted ahead of the reference when the extension is built.
-KERNELS: list[type[QServeLinearKernel]] = [TorchReferenceKernel]
+# CudaW4A8Kernel declines (with its reason) when the extension is missing or the device is not sm80+ CUDA.
+KERNELS: list[type[QServeLinearKernel]] = [CudaW4A8Kernel, TorchReferenceKernel]
 _logged: set = set()
 
 
