@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_siz
     """GGUF -> round-to-nearest QServe checkpoint in ``output``; returns ``output``.
 
     prepare: rotate/smooth/clip the fp model first (convert.gguf.prepare_for_w4a8); without it, per-channel W4A8
-    of a small model is mostly noise through QServe's kernels.
+    of a small model is mostly noise through QServe's kernels.  Only for W4A8 per-channel: the clipping search
+    assumes that quantization grid.
     """
     from vllm_qserve.checkpoint import check_projection_dims, inspect_checkpoint
     from vllm_qserve.convert.gguf import load_gguf_as_hf, prepare_for_w4a8
@@ -51,7 +51,7 @@ def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_siz
             check_projection_dims(f"model.layers.0.*.{layer}", n, k, prec.weight_bits, group_size)
         print(f"[convert] read {os.path.basename(gguf_path)}: {len(state_dict)} tensors "
               f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-        if prepare:
+        if prepare and (prec.weight_bits, group_size) == (4, -1):
             state_dict, hf_config = prepare_for_w4a8(state_dict, hf_config, hf_dir)
             print(f"[convert] rotated, smoothed and clipped for W4A8 ({time.perf_counter() - t0:.1f}s)",
                   file=sys.stderr)
@@ -59,7 +59,11 @@ def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_siz
         del state_dict
         inspect_checkpoint(q_dir, cfg)
         os.makedirs(output, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
         for name in os.listdir(q_dir):
+            # safetensors creates its file 0600; a checkpoint is meant to be shared like any other output.
+            os.chmod(os.path.join(q_dir, name), 0o666 & ~umask)
             os.replace(os.path.join(q_dir, name), os.path.join(output, name))
         print(f"[convert] wrote {prec.name} group {group_size} checkpoint to {output} "
               f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)

@@ -6,7 +6,7 @@ model source that every machine of this project can reach (no Hugging Face hub).
 Tensors are read with the ``gguf`` package rather than ``AutoModelForCausalLM.from_pretrained(gguf_file=...)``:
 transformers' GGUF path insists on ``accelerate`` (not a dependency here) and builds a full torch model we do not
 need.  Config and tokenizer do go through transformers (``AutoConfig``/``AutoTokenizer`` with ``gguf_file``), which
-works offline and keeps the tokenizer byte-for-byte what transformers itself would produce.
+works offline and gives exactly the tokenizer (and chat template) transformers builds from the GGUF.
 """
 
 from __future__ import annotations
@@ -276,22 +276,30 @@ def hf_model_from_state_dict(state_dict: dict, hf_config: dict, dtype: torch.dty
 # --- preparing the fp model for round-to-nearest W4A8 ---------------------------------------------------------------
 #
 # Plain round-to-nearest per-channel W4A8 of SmolLM2 is unusable through QServe's kernels (perplexity ~900 instead
-# of ~20 on a GPL-3 text sample), although the same weights with fake-quantized activations are fine (~33).  The
-# reason is QServe's per-channel epilogue, out = s1 * sx * sum(xq * q) - s1_szeros * sum(x): the zero-point term uses
-# the sum of the *unquantized* activations, so every per-token rounding error e_k reaches the output multiplied by
-# the uncentred code s1 * q_k in [0, range] instead of the centred weight.  The error grows with
-# (weight range / weight rms) * (activation max / activation rms), both large in a small model with outlier channels.
-# QServe's own checkpoints come out of QoQ (rotation, smoothing, clipping), which keeps both ratios small; this is a
-# calibration-light version of the same recipe, equivalent in exact arithmetic to the original model:
+# of ~19 on a GPL-3 text sample, answers are word salad), although the same weights with fake-quantized activations
+# are fine (~33).  The reason is QServe's per-channel epilogue, out = s1*sx*sum(xq*q) - s1_szeros*sum(x): the
+# zero-point term uses the sum of the *unquantized* activations, so each per-token rounding error e_k reaches the
+# output multiplied by the uncentred code s1*q_k in [0, range] instead of by the centred weight.  That error grows
+# with (weight range / weight rms) * (activation max / activation rms), both large in a small model with outlier
+# channels.  QServe's own checkpoints come out of QoQ (rotation, smoothing, clipping), which keeps both ratios small;
+# this is a calibration-light version of that recipe, exactly equivalent to the original model before rounding:
 #   1. fold the RMSNorm gains into the following projections and rotate the residual stream by a Hadamard matrix
-#      (activations into q/k/v and gate/up lose their outlier channels);
-#   2. rotate each attention head's V / o_proj input by a Hadamard matrix (outliers of the o_proj input);
-#   3. smooth the down_proj input (SiLU(gate) * up cannot be rotated offline) into up_proj rows;
+#      (the inputs of q/k/v and gate/up lose their outlier channels);
+#   2. rotate each attention head's V / o_proj input by a Hadamard matrix (the o_proj input's outliers);
+#   3. smooth the down_proj input (SiLU(gate) * up cannot be rotated offline) into the up_proj rows;
 #   4. clip every weight row to the range that minimises its output error on calibration activations.
-# Measured on that text sample with the reference kernel's numerics: ~31 instead of ~900 (fp32 model: ~19).
+# Measured on that text sample with the reference kernel's numerics: ~28-31 (fp32 model: 19.3).
 
-# A few hundred tokens in the chat format the demo serves: enough for activation maxima and clipping statistics, and
-# it keeps conversion offline (no calibration data set to download).
+# Calibration is self-generated (the fp model answers these prompts) so that conversion stays offline and needs no
+# data set; the fixed chats add the chat-template tokens the demo serves.  A few thousand tokens are plenty for
+# activation maxima and for the clipping objective (which has one free parameter per row).
+_CALIBRATION_PROMPTS = (
+    "Tell me about the ocean.", "Write a short story about a robot who learns to paint.",
+    "How does a computer store numbers?", "Explain why the sky is blue.", "What is the best way to learn a language?",
+    "Summarise the history of the Roman Empire.", "Write a Python function that checks whether a number is prime.",
+    "Describe your favourite kind of music.", "Give me a recipe for pancakes.", "What causes earthquakes?",
+    "List some tips for a job interview.", "Why do cats purr?",
+)
 _CALIBRATION_CHATS = (
     ("What is the capital of Japan?", "The capital of Japan is Tokyo, which is also the largest city in the country."),
     ("Write a short poem about the sea.", "The sea rolls in with silver light,\nit hums a song into the night;\n"
@@ -306,7 +314,13 @@ _CALIBRATION_CHATS = (
     ("What is 12 times 7?", "12 times 7 is 84."),
     ("Translate 'good morning' into Spanish.", "'Good morning' in Spanish is 'buenos días'."),
 )
+_CALIBRATION_NEW_TOKENS = 128
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+# q/k/v read the same input, and so do gate/up: one set of statistics per input.
+_INPUT_GROUPS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "self_attn.o_proj": ("self_attn.o_proj",),
+                 "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+                 "mlp.down_proj": ("mlp.down_proj",)}
 
 
 def _paley12() -> torch.Tensor:
@@ -339,32 +353,60 @@ def orthogonal_rotation(n: int, seed: int = 0) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def _calibration_ids(tokenizer_dir: str) -> torch.Tensor:
+def calibration_sequences(state_dict: dict, hf_config: dict, tokenizer_dir: str, seed: int = 0) -> list:
+    """Token id tensors [1, T]: the fixed chats, then the fp model's own sampled answers to the prompts."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tok.chat_template:
-        text = "".join(tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                               tokenize=False) for q, a in _CALIBRATION_CHATS)
-    else:
-        text = "\n\n".join(f"{q}\n{a}" for q, a in _CALIBRATION_CHATS)
-    return tok(text, return_tensors="pt").input_ids
-
-
-def _projection_inputs(state_dict: dict, hf_config: dict, ids: torch.Tensor) -> dict:
-    """Calibration inputs [T, K] of every projection (q/k/v and gate/up share theirs), from an fp32 forward."""
+    if not tok.chat_template:
+        return [tok("\n\n".join(f"{q}\n{a}" for q, a in _CALIBRATION_CHATS), return_tensors="pt").input_ids]
+    chats = "".join(tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                            tokenize=False) for q, a in _CALIBRATION_CHATS)
+    seqs = [tok(chats, return_tensors="pt").input_ids]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+               for p in _CALIBRATION_PROMPTS]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(prompts, return_tensors="pt", padding=True)
     model = hf_model_from_state_dict(state_dict, hf_config)
-    inputs, hooks = {}, []
+    torch.manual_seed(seed)
+    print(f"[convert] generating {len(prompts)} x {_CALIBRATION_NEW_TOKENS} calibration tokens with the fp model",
+          file=sys.stderr)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=_CALIBRATION_NEW_TOKENS, do_sample=True, temperature=0.8,
+                             top_p=0.95, pad_token_id=tok.pad_token_id)
+    n_prompt = batch.input_ids.shape[1]
+    for row, mask in zip(out, batch.attention_mask):
+        ids = row[int((mask == 0).sum()):]  # drop left padding
+        gen = ids[n_prompt - int((mask == 0).sum()):]
+        ends = (gen == tok.eos_token_id).nonzero()
+        if len(ends):
+            ids = ids[: n_prompt - int((mask == 0).sum()) + int(ends[0]) + 1]
+        seqs.append(ids[None])
+    return seqs
+
+
+def _input_stats(state_dict: dict, hf_config: dict, seqs: list, with_cov: bool) -> dict:
+    """{'model.layers.i.<input group>': (max |x| per channel [K], X^T X [K, K] or None)} over all sequences."""
+    model = hf_model_from_state_dict(state_dict, hf_config)
+    stats, hooks = {}, []
     for name, mod in model.named_modules():
-        if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj")):
+        if name.endswith(tuple(_INPUT_GROUPS)):
             def hook(_mod, args, name=name):
-                inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                amax, cov = stats.get(name, (None, None))
+                amax = x.abs().amax(0) if amax is None else torch.maximum(amax, x.abs().amax(0))
+                if with_cov:
+                    cov = x.t() @ x if cov is None else cov.addmm_(x.t(), x)
+                stats[name] = (amax, cov)
             hooks.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model(ids)
+        for ids in seqs:
+            model(ids)
     for h in hooks:
         h.remove()
-    return inputs
+    return stats
 
 
 def _rotate(sd: dict, cfg: dict) -> dict:
@@ -403,17 +445,17 @@ def _rotate(sd: dict, cfg: dict) -> dict:
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
-def _smooth_down(sd: dict, cfg: dict, inputs: dict, alpha: float) -> None:
+def _smooth_down(sd: dict, cfg: dict, stats: dict, alpha: float) -> None:
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}.mlp."
-        act = inputs[p + "down_proj"].abs().amax(0).clamp(min=1e-5)
+        act = stats[p + "down_proj"][0].clamp(min=1e-5)
         wmax = sd[p + "down_proj.weight"].abs().amax(0).clamp(min=1e-5)
         s = act.pow(alpha) / wmax.pow(1 - alpha)
         sd[p + "down_proj.weight"] = sd[p + "down_proj.weight"] * s
         sd[p + "up_proj.weight"] = sd[p + "up_proj.weight"] / s[:, None]
 
 
-def _clip(sd: dict, cfg: dict, inputs: dict) -> None:
+def _clip(sd: dict, cfg: dict, stats: dict) -> None:
     from vllm_qserve.convert.rtn import quantize_w4_per_channel
     from vllm_qserve.reference import dequantize_w4_per_channel
 
@@ -421,15 +463,10 @@ def _clip(sd: dict, cfg: dict, inputs: dict) -> None:
         t = quantize_w4_per_channel(w)
         return dequantize_w4_per_channel(t["qweight"], t["s1_scales"], t["s1_szeros"])
 
-    groups = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "self_attn.o_proj": ("self_attn.o_proj",),
-              "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
-              "mlp.down_proj": ("mlp.down_proj",)}
     for i in tqdm(range(cfg["num_hidden_layers"]), desc="clipping", unit="layer", leave=False):
         p = f"model.layers.{i}."
-        for src, projs in groups.items():
-            x = inputs[p + src]
-            cov = x.t() @ x
+        for src, projs in _INPUT_GROUPS.items():
+            cov = stats[p + src][1]
             for proj in projs:
                 w = sd[p + proj + ".weight"]
                 lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
@@ -447,7 +484,8 @@ def _clip(sd: dict, cfg: dict, inputs: dict) -> None:
                 sd[p + proj + ".weight"] = best
 
 
-def prepare_for_w4a8(state_dict: dict, hf_config: dict, tokenizer_dir: str, smooth_alpha: float = 0.3) -> tuple:
+def prepare_for_w4a8(state_dict: dict, hf_config: dict, tokenizer_dir: str, smooth_alpha: float = 0.3,
+                     seed: int = 0) -> tuple:
     """(state_dict, hf_config) of an equivalent fp model whose RTN per-channel W4A8 quantization serves well.
 
     The returned config unties lm_head from the embedding (see _rotate); everything else is unchanged.
@@ -455,10 +493,10 @@ def prepare_for_w4a8(state_dict: dict, hf_config: dict, tokenizer_dir: str, smoo
     cfg = dict(hf_config)
     if cfg.get("model_type") != "llama":
         raise ValueError(f"W4A8 preparation only knows the Llama architecture, not {cfg.get('model_type')!r}")
-    ids = _calibration_ids(tokenizer_dir)
+    seqs = calibration_sequences(state_dict, hf_config, tokenizer_dir, seed)
     sd = _rotate(state_dict, cfg)
     cfg["tie_word_embeddings"] = False
     if smooth_alpha:
-        _smooth_down(sd, cfg, _projection_inputs(sd, cfg, ids), smooth_alpha)
-    _clip(sd, cfg, _projection_inputs(sd, cfg, ids))
+        _smooth_down(sd, cfg, _input_stats(sd, cfg, seqs, with_cov=False), smooth_alpha)
+    _clip(sd, cfg, _input_stats(sd, cfg, seqs, with_cov=True))
     return sd, cfg
