@@ -15,7 +15,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from vllm_qserve.checkpoint import CheckpointError, inspect_checkpoint
+from vllm_qserve.checkpoint import CheckpointError, inspect_checkpoint, mode_name
 from vllm_qserve.precision import check_group_size, parse_precision
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
@@ -114,7 +114,7 @@ class QServeConfig(QuantizationConfig):
             declared = getattr(self, attr)
             if declared is not None and declared != found:
                 raise CheckpointError(f"qserve: quantization_config says {attr}={declared} but the checkpoint's "
-                                      f"tensors are {attr}={found} ({'s2_scales present' if found == 128 else 's1_szeros present' if found == -1 and info.weight_bits == 4 else 'see tensor names'})")
+                                      f"tensors are {attr}={found} (a {mode_name(info.weight_bits, info.group_size)} checkpoint)")
             setattr(self, attr, found)
         logger.info("qserve: %s checkpoint, W%dA8 %s, KV %s", model_dir, self.weight_bits,
                     "per-channel" if self.group_size == -1 else f"group {self.group_size}",
