@@ -25,9 +25,13 @@ PROTECTIVE_RANGE = 119
 GROUP = 128
 
 
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    """Rounded to the fp16 value the checkpoint will hold (kept in the working dtype)."""
-    return x.to(torch.float16).to(x.dtype)
+FP16_TINY = 2.0 ** -24  # the smallest positive fp16 value
+
+
+def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    """A scale rounded to the positive fp16 value the checkpoint will hold (kept in the working dtype); all-zero
+    rows get the smallest one instead of 0, so that every division by it is defined."""
+    return x.to(torch.float16).to(x.dtype).clamp(min=FP16_TINY)
 
 
 class WeightQuantizer:
@@ -74,9 +78,9 @@ class PerChannelW4(WeightQuantizer):
         r = torch.as_tensor(clip_ratio, dtype=w.dtype, device=w.device)
         mn = (w.amin(1) * r).clamp(max=0)
         mx = (w.amax(1) * r).clamp(min=0)
-        self.scale = _fp16(((mx - mn) / 15).clamp(min=1e-8))
+        self.scale = _fp16_scale((mx - mn) / 15)
         self.zero = torch.round(-mn / self.scale).clamp(0, 15)
-        self.s1_szeros = _fp16(self.zero * self.scale)
+        self.s1_szeros = (self.zero * self.scale).to(torch.float16).to(w.dtype)
 
     def szeros(self):
         return self.s1_szeros
@@ -100,7 +104,7 @@ class GroupW4(WeightQuantizer):
         if k % GROUP:
             raise ValueError(f"input dim {k} is not a multiple of the group size {GROUP}")
         r = torch.as_tensor(clip_ratio, dtype=w.dtype, device=w.device)
-        self.s1 = _fp16((w.abs().amax(1) * r / PROTECTIVE_RANGE).clamp(min=1e-8))
+        self.s1 = _fp16_scale(w.abs().amax(1) * r / PROTECTIVE_RANGE)
         self.s2 = torch.zeros(n, k // GROUP, dtype=w.dtype, device=w.device)
         self.z = torch.zeros_like(self.s2)
         self._g = None
@@ -159,7 +163,7 @@ class W8(WeightQuantizer):
 
     def prepare(self, w, clip_ratio=1.0):
         r = torch.as_tensor(clip_ratio, dtype=w.dtype, device=w.device)
-        self.scale = _fp16((w.abs().amax(1) * r / 127).clamp(min=1e-8))
+        self.scale = _fp16_scale(w.abs().amax(1) * r / 127)
 
     def codes(self, x):
         return torch.round(x / self.scale[:, None]).clamp(-127, 127)
