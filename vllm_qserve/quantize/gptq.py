@@ -90,9 +90,9 @@ def _column_loop(w, hinv, diag_h, quantizer, codes, deq, group, block):
         w1 = w[:, b0:b1].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[b0:b1, b0:b1]
-        if group is not None:
-            quantizer.begin_group(w1, b0 // group, diag_h[b0:b1])
         with single_thread():
+            if group is not None:
+                quantizer.begin_group(w1, b0 // group, diag_h[b0:b1])
             for i in range(b1 - b0):
                 col = w1[:, i:i + 1]
                 q = quantizer.codes(col)
@@ -107,15 +107,26 @@ def _column_loop(w, hinv, diag_h, quantizer, codes, deq, group, block):
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (float64), adding damping until H is numerically positive definite."""
-    extra = 0.0
+    """Upper Cholesky factor of H^-1, adding damping until H is numerically positive definite.
+
+    With P the reversal permutation, P H P = L L^T gives H = V V^T with V = P L P upper triangular, so
+    H^-1 = (V^-1)^T V^-1 and V^-1 is the factor: one Cholesky and one triangular inverse (half the work of
+    inverting H and factorizing again, which dominates a K = 8960 layer on a CPU).  float32 first (GPTQ's usual
+    precision), float64 when float32 fails."""
     mean = torch.diagonal(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for _ in range(8):
-        try:
-            chol = torch.linalg.cholesky(h if extra == 0 else h + extra * mean * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-        except torch.linalg.LinAlgError:
+    for dtype in (torch.float32, torch.float64):
+        extra = 0.0
+        for _ in range(6):
+            try:
+                hd = (h if extra == 0 else h + extra * mean * eye).to(dtype)
+                v = torch.linalg.cholesky(hd.flip(0, 1)).flip(0, 1)
+                eye_d = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+                out = torch.linalg.solve_triangular(v, eye_d, upper=True)
+                if torch.isfinite(out).all():
+                    return out.to(h.dtype)
+            except torch.linalg.LinAlgError:
+                pass
             extra = 0.01 if extra == 0 else extra * 4
     raise RuntimeError("GPTQ: the calibration Hessian is not positive definite even with strong damping "
                        "(too few calibration tokens for this layer?)")

@@ -115,6 +115,7 @@ class Attention(torch.nn.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, Linear(weights[f"{name}.weight"], weights.get(f"{name}.bias")))
         self.kv_hook: KVHook | None = None
+        self.qk_observer: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # sees q, k after RoPE
 
     def forward(self, x, cos, sin):
         a = self.arch
@@ -125,6 +126,8 @@ class Attention(torch.nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if self.qk_observer is not None:
+            self.qk_observer(q, k)
         if self.kv_hook is not None:
             k, v = self.kv_hook(self.index, k, v)
         if a.sliding_window is not None and t > a.sliding_window:

@@ -34,7 +34,8 @@ from vllm_qserve.quantize.quantizers import make_quantizer
 from vllm_qserve.quantize.simulate import act_terms, kv_fake_quant, sim_linear_from_tensors, sim_matmul
 
 SMOOTH_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
+CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)  # round-to-nearest (no GPTQ) search
+GPTQ_CLIP_RATIOS = (1.0, 0.96, 0.92, 0.88)
 # Projections quantized together: they read the same input, so they share X^T X.
 GROUPS = {
     "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
@@ -52,7 +53,7 @@ class QoQOptions:
     rotate: bool = True
     rotate_heads: bool = True
     smooth_attention: bool = True
-    smooth_attention_alpha: float = 0.5
+    smooth_attention_alpha: float | None = None  # None: searched per layer (SMOOTH_ATTENTION_ALPHAS)
     smooth_v_o: bool = True
     smooth_up_down: bool = True
     reorder: bool | None = None  # default: on for group 128
@@ -91,6 +92,8 @@ class _Observer:
             mod = getattr(getattr(layer, part), projs[0])
             self._hooks.append(mod.register_forward_pre_hook(self._input_hook(name)))
         layer.self_attn.kv_hook = self._kv_hook
+        layer.self_attn.qk_observer = self._qk_observer
+        self.q_samples, self.k_samples = [], []
 
     def _input_hook(self, name):
         def hook(_mod, args):
@@ -106,6 +109,15 @@ class _Observer:
 
         return hook
 
+    def _qk_observer(self, q, k):
+        """Sampled queries [n, H, D] and keys [n, Hkv, D] after RoPE (for the SmoothAttention search)."""
+        b, _, t, _ = q.shape
+        lo, hi = self.offset, self.offset + b * t
+        sel = self.sample_idx[(self.sample_idx >= lo) & (self.sample_idx < hi)] - lo
+        if sel.numel():
+            self.q_samples.append(q.detach().permute(0, 2, 1, 3).reshape(b * t, q.shape[1], -1)[sel].clone())
+            self.k_samples.append(k.detach().permute(0, 2, 1, 3).reshape(b * t, k.shape[1], -1)[sel].clone())
+
     def _kv_hook(self, _index, k, v):
         m = k.detach().abs().amax(dim=(0, 2)).double()  # [Hkv, D]
         self.key_absmax = m if self.key_absmax is None else torch.maximum(self.key_absmax, m)
@@ -115,7 +127,33 @@ class _Observer:
         for h in self._hooks:
             h.remove()
         self.layer.self_attn.kv_hook = None
+        self.layer.self_attn.qk_observer = None
         self.samples = {k: torch.cat(v) if v else None for k, v in self.samples.items()}
+        self.q_samples = torch.cat(self.q_samples) if self.q_samples else None
+        self.k_samples = torch.cat(self.k_samples) if self.k_samples else None
+
+
+SMOOTH_ATTENTION_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
+
+
+def _search_smooth_attention(q: torch.Tensor, k: torch.Tensor, key_absmax: torch.Tensor, bits: int,
+                             group: int) -> tuple:
+    """SmoothAttention's alpha by the error of the attention logits q . k when keys are cached in `bits`:
+    sum over sampled query/key pairs and heads of (q' . (quant(k') - k'))^2, q' = q * lambda, k' = k / lambda."""
+    from vllm_qserve.reference.kv import dequantize_kv, quantize_kv
+
+    q, k = q.float(), k.float()
+    errors = {}
+    for alpha in SMOOTH_ATTENTION_ALPHAS:
+        lam = T.smooth_attention_scale(key_absmax, alpha).float()  # [Hkv, D]
+        ks = k / lam
+        dk = dequantize_kv(*quantize_kv(ks, bits)) - ks  # [n, Hkv, D]
+        qs = q * lam.repeat_interleave(group, dim=0)  # [n, H, D]
+        dk_h = dk.repeat_interleave(group, dim=1)  # [n, H, D]
+        err = torch.einsum("nhd,mhd->hnm", qs, dk_h).pow(2).sum()
+        errors[alpha] = float(err)
+    best = min(errors, key=errors.get)
+    return best, errors
 
 
 def _rtn_terms(w: torch.Tensor, opts: QoQOptions, ratio=1.0) -> tuple:
@@ -165,6 +203,26 @@ def _clip_ratios(x: torch.Tensor, w: torch.Tensor, opts: QoQOptions) -> torch.Te
     return best_r.float()
 
 
+def _gptq_clip_search(w: torch.Tensor, hess: torch.Tensor, opts: QoQOptions) -> tuple:
+    """GPTQ at several clipping ratios; each row keeps the ratio with the least output error tr(D H D^T).
+
+    Rows are independent in GPTQ (same H, own grid), so the candidates run as one GPTQ over the stacked rows and
+    mixing rows of different ratios is exact.  Measured on SmolLM2: clipping chosen by round-to-nearest error
+    (0.8-0.9) made GPTQ worse than no clipping at all; chosen with GPTQ in the loop it helps.
+    """
+    n = w.shape[0]
+    ratios = torch.tensor(GPTQ_CLIP_RATIOS, dtype=w.dtype, device=w.device)
+    stacked = w.repeat(len(GPTQ_CLIP_RATIOS), 1)
+    q = make_quantizer(opts.weight_bits, opts.group_size)
+    q.prepare(stacked, ratios.repeat_interleave(n))
+    codes, deq = gptq(stacked, hess, q, damp=opts.gptq_damp, act_order=opts.group_size == -1)
+    d = deq - stacked
+    err = ((d @ hess.to(d.dtype)) * d).sum(1).view(len(GPTQ_CLIP_RATIOS), n)
+    best = err.argmin(0)
+    rows = torch.arange(n, device=w.device)
+    return ratios[best], codes.view(len(GPTQ_CLIP_RATIOS), n, -1)[best, rows]
+
+
 def _quantize_group(layer: DecoderLayer, name: str, hess: torch.Tensor, sample: torch.Tensor | None,
                     opts: QoQOptions, prefix: str, out: dict) -> dict:
     part, projs = GROUPS[name]
@@ -172,13 +230,18 @@ def _quantize_group(layer: DecoderLayer, name: str, hess: torch.Tensor, sample: 
     mods = [getattr(parent, p) for p in projs]
     w = torch.cat([m.weight.data for m in mods]).float()
     q = make_quantizer(opts.weight_bits, opts.group_size)
+    act_order = opts.group_size == -1
     ratio = 1.0
-    if opts.clip_search and sample is not None:
-        ratio = _clip_ratios(sample, w, opts)
-    q.prepare(w, ratio)
-    if opts.use_gptq:
-        codes, _ = gptq(w, hess, q, damp=opts.gptq_damp, act_order=opts.group_size == -1)
+    if opts.use_gptq and opts.clip_search:
+        ratio, codes = _gptq_clip_search(w, hess, opts)
+        q.prepare(w, ratio)
+    elif opts.use_gptq:
+        q.prepare(w)
+        codes, _ = gptq(w, hess, q, damp=opts.gptq_damp, act_order=act_order)
     else:
+        if opts.clip_search and sample is not None:
+            ratio = _clip_ratios(sample, w, opts)
+        q.prepare(w, ratio)
         codes, _ = q.rtn(w)
     tensors = q.tensors(codes)
     stats = {"clip_mean": float(torch.as_tensor(ratio, dtype=torch.float64).mean())}
@@ -249,8 +312,13 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
         samples, absmax = obs.samples, obs.absmax
 
         if opts.smooth_attention and obs.key_absmax is not None:
-            lam = T.smooth_attention_scale(obs.key_absmax, opts.smooth_attention_alpha)
+            alpha = opts.smooth_attention_alpha
+            if alpha is None:
+                alpha, _ = _search_smooth_attention(obs.q_samples, obs.k_samples, obs.key_absmax,
+                                                    opts.kv_bits if opts.kv_bits < 16 else 4, a.group)
+            lam = T.smooth_attention_scale(obs.key_absmax, alpha)
             T.smooth_attention(layer, lam)
+            entry["smooth_attention_alpha"] = alpha
             entry["key_absmax_before"] = float(obs.key_absmax.max())
             entry["key_absmax_after"] = float((obs.key_absmax / lam).max())
 

@@ -53,6 +53,10 @@ class QServeSimLinear(Linear):
     otherwise; szeros (per-channel) is subtracted times sum(x) -- QServe's epilogue.
     """
 
+    # Diagnostics only: take the per-channel zero-point sum over the quantized activations (sum(x_hat), what
+    # DeepCompressor simulates) instead of QServe's sum over the unquantized ones (docs/format.md section 5).
+    xsum_of_quantized = False
+
     def __init__(self, weight, bias=None, szeros=None, act_bits: int | None = 8):
         super().__init__(weight, bias)
         self.szeros = None if szeros is None else torch.nn.Parameter(szeros, requires_grad=False)
@@ -62,7 +66,7 @@ class QServeSimLinear(Linear):
         xin = fake_quant_act(x) if self.act_bits == 8 else x
         y = torch.nn.functional.linear(xin, self.weight, self.bias)
         if self.szeros is not None:
-            y = y - x.sum(-1, keepdim=True) * self.szeros
+            y = y - (xin if self.xsum_of_quantized else x).sum(-1, keepdim=True) * self.szeros
         return y
 
 
