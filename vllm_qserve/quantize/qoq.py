@@ -35,7 +35,7 @@ from vllm_qserve.quantize.simulate import act_terms, kv_fake_quant, sim_linear_f
 
 SMOOTH_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)  # round-to-nearest (no GPTQ) search
-GPTQ_CLIP_RATIOS = (1.0, 0.96, 0.92, 0.88)
+GPTQ_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 # Projections quantized together: they read the same input, so they share X^T X.
 GROUPS = {
     "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
