@@ -334,8 +334,9 @@ def find_problems(specs: list[RequestSpec], results: list[Result]) -> list[str]:
     for r in results:
         for rid in r.response_ids:
             if rid in seen and seen[rid] != r.idx:
-                out.append(f"response id {rid} returned for requests {seen[rid]} and {r.idx} (duplicated)")
-            seen[rid] = r.idx
+                out.append(f"request {r.idx}: response id {rid} was already returned for request {seen[rid]} "
+                           f"(duplicated)")
+            seen.setdefault(rid, r.idx)
     return out
 
 
