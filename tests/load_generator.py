@@ -473,23 +473,32 @@ def write_outputs(summary: dict, out: str, plot: str | None, extra: dict) -> Non
     with open(out, "w") as f:
         json.dump(data, f, indent=1)
     if plot:
-        import matplotlib
+        plot_latencies(data, plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        lat = sorted(data["latencies_s"])
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], drawstyle="steps-post")
-        for q in (50, 99):
-            if summary["latency_s"][f"p{q}"] is not None:
-                ax.axvline(summary["latency_s"][f"p{q}"], ls="--", lw=0.8, color="gray", label=f"p{q}")
-        ax.set_xlabel("end-to-end latency (s)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{summary['requests']} requests, concurrency {summary['concurrency']}"
-                     f" ({extra.get('label', '')})")
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
+def plot_latencies(data: dict, path: str) -> None:
+    """Latency CDF with p50/p99 marks, from the JSON this module writes (python -c 'from tests.load_generator
+    import *; plot_latencies(json.load(open(J)), P)' redraws one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = sorted(data["latencies_s"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], drawstyle="steps-post", label="requests")
+    for q, style in ((50, "--"), (99, ":")):
+        v = data["latency_s"][f"p{q}"]
+        if v is not None:
+            ax.axvline(v, ls=style, lw=1, color="gray", label=f"p{q} = {v:.2f} s")
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{data['requests']} requests, concurrency {data['concurrency']}, "
+                 f"{sum(data['errors'].values())} errors\n{data.get('label', '')}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -521,7 +530,7 @@ def main(argv=None) -> int:
         p.error("give --url or --serve-fixture")
 
     server = None
-    extra = {"label": args.label, "environment": _environment(), "command": " ".join(sys.argv)}
+    extra = {"label": args.label, "environment": _environment(), "command": " ".join(["python -m tests.load_generator", *sys.argv[1:]])}
     try:
         if args.serve_fixture:
             import shlex
