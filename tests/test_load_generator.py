@@ -37,54 +37,52 @@ class _Fake(BaseHTTPRequestHandler):
             return self._send(500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}})
         n, max_tokens = body.get("n", 1), body["max_tokens"]
         rid = f"cmpl-{idx}-{int(replay)}" if fault != "duplicate-id" else "cmpl-shared"
-        tokens = max_tokens - 1 if fault == "short" else max_tokens
-        text = "".join(f" t{(idx * 7 + i) % 13}" for i in range(tokens))
+        count = max_tokens - 1 if fault == "short" else max_tokens
+        toks = [f" t{(idx * 7 + i) % 13}" for i in range(count)]
         if fault == "nondeterministic" and replay:
-            text = text[::-1]
-        if fault == "wrong-echo":
-            text = "Request 99999: someone else's prompt" + text
-        elif body.get("echo"):
-            text = prompt + text
+            toks = toks[::-1]
         choices = list(range(n - 1 if fault == "missing-choice" else n))
         lp = body.get("logprobs")
         top = body.get("top_logprobs", 0) if chat else lp
         usage = {"prompt_tokens": 5, "completion_tokens": n * max_tokens, "total_tokens": 5 + n * max_tokens}
 
-        def logprobs(k):
+        def logprobs(part):
             if lp is None or lp is False:
                 return None
             value = 0.5 if fault == "positive-logprob" else -0.25
             if chat:
-                return {"content": [{"token": "t", "logprob": value, "bytes": None,
-                                     "top_logprobs": [{"token": "t", "logprob": -0.25, "bytes": None}] * top}
-                                    for _ in range(k)]}
-            return {"tokens": ["t"] * k, "token_logprobs": [value] * k, "top_logprobs": [{"t": -0.25}] * k,
-                    "text_offset": [0] * k}
+                return {"content": [{"token": t, "logprob": value, "bytes": None,
+                                     "top_logprobs": [{"token": t, "logprob": -0.25, "bytes": None}] * top}
+                                    for t in part]}
+            return {"tokens": part, "token_logprobs": [value] * len(part),
+                    "top_logprobs": [{t: -0.25} for t in part], "text_offset": [0] * len(part)}
 
-        def choice(i, piece, k, finish):
+        def choice(i, part, finish):
+            piece = "".join(part)
+            if (body.get("echo") or fault == "wrong-echo") and not body.get("stream"):
+                piece = (prompt if fault != "wrong-echo" else "Request 99999: someone else's prompt") + piece
             if chat:
                 key = "delta" if body.get("stream") else "message"
                 return {"index": i, key: {"role": "assistant", "content": piece}, "finish_reason": finish,
-                        "logprobs": logprobs(k)}
-            return {"index": i, "text": piece, "finish_reason": finish, "logprobs": logprobs(k)}
+                        "logprobs": logprobs(part)}
+            return {"index": i, "text": piece, "finish_reason": finish, "logprobs": logprobs(part)}
 
         obj = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
             return self._send(200, {"id": rid, "object": obj, "created": 0, "model": body["model"],
-                                    "choices": [choice(i, text, tokens, "length") for i in choices],
+                                    "choices": [choice(i, toks, "length") for i in choices],
                                     "usage": None if fault == "no-usage" else usage})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         obj += ".chunk"
         for i in choices:
-            events = [(text[: len(text) // 2], tokens // 2, None), (text[len(text) // 2:], tokens - tokens // 2,
-                                                                     "length")]
+            events = [(toks[: len(toks) // 2], None), (toks[len(toks) // 2:], "length")]
             if fault == "chunk-after-finish":
-                events.append((" extra", 1, None))
-            for piece, k, finish in events:
+                events.append(([" extra"], None))
+            for part, finish in events:
                 chunk = {"id": rid if fault != "two-stream-ids" or finish is None else rid + "x", "object": obj,
-                         "created": 0, "model": body["model"], "choices": [choice(i, piece, k, finish)]}
+                         "created": 0, "model": body["model"], "choices": [choice(i, part, finish)]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if fault != "no-usage":
             self.wfile.write(f"data: {json.dumps({'id': rid, 'object': obj, 'created': 0, 'model': body['model'], 'choices': [], 'usage': usage})}\n\n".encode())
@@ -124,7 +122,7 @@ def _pick(specs, taken, **want):
 
 
 def test_each_injected_fault_is_reported_for_its_request(fake_server):
-    specs = make_workload(60, seed=0)
+    specs = make_workload(200, seed=0)
     taken = set()
     greedy = lambda t: t == 0  # noqa: E731
     injected = {
@@ -145,7 +143,7 @@ def test_each_injected_fault_is_reported_for_its_request(fake_server):
     FAULTS.update({i: f for i, (f, _) in injected.items()})
     _Fake.replays.clear()
     try:
-        summary = load_test(fake_server, "fake", num_requests=60, concurrency=16, seed=0, progress=False)
+        summary = load_test(fake_server, "fake", num_requests=200, concurrency=32, seed=0, progress=False)
     finally:
         FAULTS.clear()
     problems = summary["problems"]
@@ -154,7 +152,7 @@ def test_each_injected_fault_is_reported_for_its_request(fake_server):
         assert any(fragment in p for p in mine), f"{fault} in request {idx} not reported: {mine}"
     reported = {int(m) for p in problems for m in re.findall(r"requests? (\d+)", p)}
     assert reported <= set(injected), f"clean requests reported: {sorted(reported - set(injected))}"
-    assert summary["answered"] == 59 and summary["errors"] == {"HTTP 500": 1}
+    assert summary["answered"] == 199 and summary["errors"] == {"HTTP 500": 1}
     assert summary["greedy_mismatches"] + summary["seeded_mismatches"] >= 1
     print("\n" + format_table(summary))
 
@@ -180,3 +178,28 @@ def test_percentile_is_nearest_rank():
     v = list(range(1, 101))
     assert (percentile(v, 50), percentile(v, 99), percentile(v, 100)) == (50, 99, 100)
     assert percentile([3.0], 99) == 3.0 and percentile([], 50) is None
+
+
+def test_near_tie_rule():
+    from tests.load_generator import RequestSpec, compare_choice
+
+    greedy = RequestSpec(0, "completions", False, "p", 3)
+    seeded = RequestSpec(0, "completions", False, "p", 3, temperature=1.0, seed=5)
+
+    def run(*steps):  # (token, logprob, {alternative: logprob})
+        return list(steps)
+
+    a = run(("t:1", -1.0, {"t:1": -1.0, "t:2": -1.1}), ("t:3", -2.0, {"t:3": -2.0, "t:4": -2.05}))
+    same = run(("t:1", -1.0, {"t:1": -1.0}), ("t:3", -2.0, {"t:3": -2.0}))
+    tie = run(("t:1", -1.02, {"t:1": -1.02}), ("t:4", -2.04, {"t:4": -2.04, "t:3": -2.06}))
+    no_tie = run(("t:1", -1.0, {"t:1": -1.0}), ("t:9", -1.5, {"t:9": -1.5, "t:3": -2.5}))
+    drift = run(("t:1", -1.6, {"t:1": -1.6}), ("t:4", -2.0, {"t:4": -2.0, "t:3": -2.01}))
+    assert compare_choice(greedy, a, same, "", "", 0.0) == ("same", 0.0)
+    assert compare_choice(greedy, a, tie, "", "", 0.0)[0] == "differs"  # tolerance 0: identical tokens only
+    assert compare_choice(greedy, a, tie, "", "", 0.3)[0] == "near-tie"
+    assert compare_choice(greedy, a, no_tie, "", "", 0.3)[0] == "differs"  # t:9 is not in the reference's top
+    assert compare_choice(greedy, a, drift, "", "", 0.3)[0] == "differs"  # 0.6 nats apart before diverging
+    assert compare_choice(seeded, a, no_tie, "", "", 0.3)[0] == "near-tie"  # sampled: only the prefix must agree
+    assert compare_choice(greedy, a, a[:1], "", "", 0.3)[0] == "differs"  # one token short
+    assert compare_choice(greedy, None, None, "x", "y", 0.3)[0] == "differs"  # no token data: the text decides
+    assert compare_choice(greedy, a, run(a[0], ("t:3", -2.5, {})), "", "", 0.3)[0] == "differs"

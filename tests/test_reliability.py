@@ -31,7 +31,8 @@ import time
 import pytest
 import torch
 
-from tests.load_generator import format_table, load_test
+from tests.load_generator import (NEAR_TIE_TOLERANCE, RequestSpec, compare_choice, default_tolerance,
+                                  format_table, load_test)
 from tests.vllm_server import VllmServer, platform_server_args
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,8 @@ ON_GPU = torch.cuda.is_available()
 KV4_BACKEND = os.path.isdir(os.path.join(os.path.dirname(importlib.util.find_spec("vllm_qserve").origin),
                                          "attention"))
 MAX_NUM_SEQS = 8  # small, so that a few long streams fill the server and later requests queue
-LONG_CONTEXT = 2048  # the fault server's max_model_len: long streams outlive the steps of the fault test
+LONG_CONTEXT = 4096  # the fault server's max_model_len: its long streams (~20 s on 2 CPU cores) outlive the
+#                    steps of the fault test (~1 s) with a margin for a busy machine
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 PREEMPTIONS = "vllm:num_preemptions_total"
 
@@ -119,10 +121,9 @@ def before_faults(server):
 
 def test_load_200_concurrent_requests(server, before_faults):
     _, idle_usage = before_faults
-    finished = lambda m: sum(v for k, v in m.items() if k.startswith("vllm:request_success_total{"))  # noqa: E731
     start = server.metrics()
     summary = load_test(server.url, server.model_name, num_requests=200, concurrency=200, seed=0,
-                        seeded_check=ON_GPU, progress=False)
+                        seeded_check=ON_GPU, progress=False, tolerance=default_tolerance())
     print("\n" + format_table(summary))
     assert summary["answered"] == 200 and summary["lost_or_duplicated"] == 0
     assert not summary["problems"], "\n".join(summary["problems"][:20])
@@ -230,25 +231,35 @@ def _reset(s: socket.socket) -> None:
     s.close()
 
 
+def finished(m: dict) -> float:
+    """Sequences the engine has finished, by any reason (a client abort is counted under none of them)."""
+    return sum(v for k, v in m.items() if k.startswith("vllm:request_success_total{"))
+
+
 def test_disconnects_and_queued_aborts_free_the_kv_cache(server, before_faults):
     """MAX_NUM_SEQS long streams fill the server (two over bare sockets); four more requests wait in the queue and
     are cancelled there; then every stream's client goes away mid-stream (connection closed, or reset).  Each
-    stage must show in the engine's counts, and the KV cache must end where it started."""
+    stage must show in the engine's counts, no request may run to its end, and the KV cache must end where it
+    started."""
     import openai
 
     _, idle_usage = before_faults
     long_tokens = LONG_CONTEXT - 64
-    sockets = [_raw_stream(server, f"Reset me {i}: the quick brown fox", long_tokens) for i in range(2)]
+    start = server.metrics()
 
     async def scenario():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120, max_retries=0)
-        streams = await asyncio.gather(*[
+        sockets = [asyncio.to_thread(_raw_stream, server, f"Reset me {i}: the quick brown fox", long_tokens)
+                   for i in range(2)]
+        sockets_and_streams = await asyncio.gather(*sockets, *[
             client.completions.create(model=server.model_name, prompt=f"Long stream {i}: Hello world", stream=True,
                                       max_tokens=long_tokens, temperature=0, extra_body={"ignore_eos": True})
             for i in range(MAX_NUM_SEQS - len(sockets))])
+        sockets, streams = sockets_and_streams[:2], sockets_and_streams[2:]
         for s in streams:  # every stream has produced tokens: it is running, mid-stream
             async for chunk in s:
                 if chunk.choices and chunk.choices[0].text:
+                    assert chunk.choices[0].finish_reason is None
                     break
         full = lambda m: m[RUNNING] == MAX_NUM_SEQS  # noqa: E731
         await asyncio.to_thread(wait_for, server, full, f"{MAX_NUM_SEQS} running streams")
@@ -265,13 +276,17 @@ def test_disconnects_and_queued_aborts_free_the_kv_cache(server, before_faults):
         for s in streams:
             await s.close()
         await client.close()
+        return sockets
 
-    asyncio.run(scenario())
+    sockets = asyncio.run(scenario())
     wait_for(server, lambda m: m[RUNNING] == len(sockets) and m[WAITING] == 0,
              "closed streams aborted (only the socket streams left)")
     for s in sockets:
         _reset(s)
-    wait_for(server, is_idle(idle_usage), "reset streams aborted and the KV cache back to its idle usage")
+    end = wait_for(server, is_idle(idle_usage), "reset streams aborted and the KV cache back to its idle usage")
+    assert finished(end) == finished(start), (
+        f"{finished(end) - finished(start):.0f} of the aborted requests ran to their end instead: the streams were "
+        f"too short for this machine's speed, or the aborts did not reach the engine")
     assert server.healthy()
 
 
@@ -303,16 +318,23 @@ def _pressure_prompts():
             for i in range(PRESSURE_REQUESTS)]
 
 
-async def _greedy(client, model, prompt):
-    r = await client.completions.create(model=model, prompt=prompt, max_tokens=PRESSURE_TOKENS, temperature=0,
-                                        logprobs=1, extra_body={"ignore_eos": True})
-    c = r.choices[0]
-    return c.text, c.logprobs.token_logprobs
+def _greedy(client, model, prompts: list) -> list:
+    """One completions request for all `prompts` (they enter the engine together): per prompt, the generated
+    [(token id, logprob, {alternative: logprob})]."""
+    r = client.completions.create(model=model, prompt=prompts, max_tokens=PRESSURE_TOKENS, temperature=0,
+                                  logprobs=5, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert sorted(c.index for c in r.choices) == list(range(len(prompts)))
+    return [list(zip(c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.top_logprobs))
+            for c in sorted(r.choices, key=lambda c: c.index)]
 
 
 @pytest.mark.parametrize("kv", ["model-dtype", pytest.param("kv4", marks=pytest.mark.skipif(
     not KV4_BACKEND, reason="the KV4 attention backend (vllm_qserve/attention/) is not on this branch yet"))])
 def test_kv_pressure_preempts_and_recomputes_the_same_tokens(fixture_ckpt, tmp_path, kv):
+    """Identical tokens where a recomputed prefill does the same arithmetic as the decode steps it replaces
+    (vLLM's CPU attention with the model-dtype cache: observed bit-identical log-probabilities); elsewhere (KV4,
+    whose prefill and decode paths differ in summation order; GPU kernels) the near-tie rule of
+    tests/load_generator.py with NEAR_TIE_TOLERANCE, since a 1e-7 difference can flip an int8 activation code."""
     import openai
 
     src = fixture_ckpt(group_size=-1)[0]
@@ -320,6 +342,7 @@ def test_kv_pressure_preempts_and_recomputes_the_same_tokens(fixture_ckpt, tmp_p
         model = _copy_with_config(src, tmp_path / "ckpt", quantization_config={"precision": "w4a8kv4", "kv_bits": 4})
     else:
         model = src
+    tolerance = 0.0 if kv == "model-dtype" and not ON_GPU else NEAR_TIE_TOLERANCE
     args = ["--max-model-len", "256", "--max-num-batched-tokens", "256", "--block-size", str(KV_BLOCK_SIZE),
             "--num-gpu-blocks-override", str(KV_TOKENS // KV_BLOCK_SIZE), "--no-enable-prefix-caching",
             *platform_server_args()]
@@ -330,27 +353,20 @@ def test_kv_pressure_preempts_and_recomputes_the_same_tokens(fixture_ckpt, tmp_p
         expected_dtype = "int4_per_token_head" if kv == "kv4" else "auto"
         assert cache["cache_dtype"] == expected_dtype, f"the server runs a {cache['cache_dtype']} KV cache"
 
-        async def run(concurrent: bool):
-            client = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="none", timeout=300, max_retries=0)
-            try:
-                if concurrent:
-                    return await asyncio.gather(*[_greedy(client, srv.model_name, p) for p in prompts])
-                return [await _greedy(client, srv.model_name, p) for p in prompts]
-            finally:
-                await client.close()
-
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", timeout=300, max_retries=0)
         start = srv.metrics()
-        alone = asyncio.run(run(concurrent=False))
+        alone = [_greedy(client, srv.model_name, [p])[0] for p in prompts]
         after_alone = wait_for(srv, is_idle(0.0), "idle after the sequential run")
         assert after_alone[PREEMPTIONS] == start[PREEMPTIONS], "the one-at-a-time reference run was preempted"
-        pressured = asyncio.run(run(concurrent=True))
+        pressured = _greedy(client, srv.model_name, prompts)  # all at once: a KV cache for ~3 of them
         end = wait_for(srv, is_idle(0.0), "KV cache empty after the pressured run")
         preemptions = end[PREEMPTIONS] - after_alone[PREEMPTIONS]
-        print(f"\n{kv}: {preemptions:.0f} preemptions for {PRESSURE_REQUESTS} requests of {PRESSURE_TOKENS} tokens")
         assert preemptions > 0, "the KV budget did not force a preemption: the test proves nothing"
-        diffs = [i for i, (a, b) in enumerate(zip(alone, pressured)) if a[0] != b[0]]
-        assert not diffs, "\n".join(f"prompt {i}: {pressured[i][0]!r} under pressure, {alone[i][0]!r} alone"
-                                    for i in diffs)
-        worst = max(abs(x - y) for a, b in zip(alone, pressured) for x, y in zip(a[1], b[1]))
-        print(f"{kv}: max |logprob difference| pressured vs alone: {worst:.2e}")
-        assert worst < 1e-2, f"same tokens, but log-probabilities differ by {worst:.2e} under pressure"
+        spec = RequestSpec(0, "completions", False, "", PRESSURE_TOKENS)  # greedy
+        verdicts = [compare_choice(spec, a, b, None, None, tolerance) for a, b in zip(alone, pressured)]
+        same = [d for v, d in verdicts if v == "same"]
+        print(f"\n{kv}: {preemptions:.0f} preemptions for {PRESSURE_REQUESTS} requests of {PRESSURE_TOKENS} tokens; "
+              f"{len(same)} identical (largest log-probability difference {max(same, default=0):.2e}), "
+              f"{sum(v == 'near-tie' for v, _ in verdicts)} near-tie divergences (tolerance {tolerance} nats)")
+        bad = [f"prompt {i}: {d}" for i, (v, d) in enumerate(verdicts) if v == "differs"]
+        assert not bad, "under KV pressure:\n" + "\n".join(bad)
