@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import sys
 import time
 
@@ -605,10 +606,10 @@ def main(argv=None) -> int:
         p.error("give --url or --serve-fixture")
 
     server = None
-    extra = {"label": args.label, "environment": _environment(), "command": " ".join(["python -m tests.load_generator", *sys.argv[1:]])}
+    extra = {"label": args.label, "environment": _environment(),
+             "command": "python -m tests.load_generator " + shlex.join(sys.argv[1:])}
     try:
         if args.serve_fixture:
-            import shlex
             import tempfile
 
             from tests.vllm_server import VllmServer

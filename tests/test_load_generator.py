@@ -85,7 +85,8 @@ class _Fake(BaseHTTPRequestHandler):
                          "created": 0, "model": body["model"], "choices": [choice(i, part, finish)]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if fault != "no-usage":
-            self.wfile.write(f"data: {json.dumps({'id': rid, 'object': obj, 'created': 0, 'model': body['model'], 'choices': [], 'usage': usage})}\n\n".encode())
+            last = {"id": rid, "object": obj, "created": 0, "model": body["model"], "choices": [], "usage": usage}
+            self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _send(self, status, payload):
