@@ -112,10 +112,10 @@ def make_workload(num_requests: int, seed: int = 0, max_tokens: int = 32, max_pr
             spec.logprobs, spec.token_ids = rng.choice((2, 5)), True
         elif mode != "random":
             spec.logprobs, spec.token_ids = rng.choice((0, 1, 5)), True
+        elif endpoint == "completions" and not spec.stream:
+            spec.echo = True  # the answer must start with this request's own prompt
         elif rng.random() < 0.3:
             spec.logprobs = rng.choice((0, 1, 5))
-        # echo: the answer must start with this request's own prompt
-        spec.echo = endpoint == "completions" and not spec.stream and spec.logprobs is None and rng.random() < 0.6
         specs.append(spec)
     return specs
 
