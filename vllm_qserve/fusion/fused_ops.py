@@ -27,16 +27,30 @@ def _quant_outputs(x: torch.Tensor, width, with_sum: bool):
     )
 
 
-if fused_ops_available():
+def _rms_norm_quant_fake(x, weight, eps, with_sum):
+    return _quant_outputs(x, x.shape[-1], with_sum)
 
-    @torch.library.register_fake("qserve::rms_norm_quant")
-    def _rms_norm_quant_fake(x, weight, eps, with_sum):
-        return _quant_outputs(x, x.shape[-1], with_sum)
 
-    @torch.library.register_fake("qserve::add_rms_norm_quant")
-    def _add_rms_norm_quant_fake(x, residual, weight, eps, with_sum):
-        return (*_quant_outputs(x, x.shape[-1], with_sum), x.new_empty(x.shape))
+def _add_rms_norm_quant_fake(x, residual, weight, eps, with_sum):
+    return (*_quant_outputs(x, x.shape[-1], with_sum), x.new_empty(x.shape))
 
-    @torch.library.register_fake("qserve::silu_mul_quant")
-    def _silu_mul_quant_fake(x, with_sum):
-        return _quant_outputs(x, x.shape[-1] // 2, with_sum)
+
+def _silu_mul_quant_fake(x, with_sum):
+    return _quant_outputs(x, x.shape[-1] // 2, with_sum)
+
+
+_registered = False
+
+
+def register_fakes() -> bool:
+    """Registers the fakes once, if the ops are defined (the extension is loaded); True when registered."""
+    global _registered
+    if not _registered and fused_ops_available():
+        torch.library.register_fake("qserve::rms_norm_quant")(_rms_norm_quant_fake)
+        torch.library.register_fake("qserve::add_rms_norm_quant")(_add_rms_norm_quant_fake)
+        torch.library.register_fake("qserve::silu_mul_quant")(_silu_mul_quant_fake)
+        _registered = True
+    return _registered
+
+
+register_fakes()

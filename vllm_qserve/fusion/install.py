@@ -24,6 +24,12 @@ DISABLE_ENV = "VLLM_QSERVE_DISABLE_FUSION"
 _HOOK_ATTR = "_qserve_fusion_hook"
 
 
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
 def fusion_decision(vllm_config) -> tuple[bool, str]:
     """(True, "") when the pass should run for this config, else (False, why)."""
     if os.environ.get(DISABLE_ENV, "0").lower() not in ("", "0", "false", "no", "off"):
@@ -31,10 +37,8 @@ def fusion_decision(vllm_config) -> tuple[bool, str]:
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is None or (model_config.quantization or "").lower() != "qserve":
         return False, "not a QServe model"
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
-        return False, f"platform {current_platform.device_type} (the fused kernels are CUDA only)"
+    if not _on_cuda():
+        return False, "not a CUDA platform (the fused kernels are CUDA only)"
     from vllm_qserve.fusion.fused_ops import fused_ops_available
 
     if not fused_ops_available():

@@ -165,7 +165,10 @@ class SiluMulQuantPattern(QuantFusionPattern):
             if custom_op:
                 d = x.shape[-1] // 2
                 out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device)
-                y = auto_functionalized(torch.ops._C.silu_and_mul.default, result=out, input=x)[1]
+                op = torch.ops._C.silu_and_mul.default
+                # the output argument is `result` in the CUDA build and `out` in the CPU build
+                out_name = op._schema.arguments[0].name
+                y = auto_functionalized(op, **{out_name: out, "input": x})[1]
             else:
                 y = SiluAndMul.forward_native(x)
             return _quantize(y, with_sum)
