@@ -44,12 +44,22 @@ def per_range(log: list[dict]) -> dict[str, dict]:
     return totals
 
 
-def run(tmp_path, ckpt, prompts, env, enforce_eager=False):
-    from tests.test_vllm_cpu_e2e import run_vllm
+_RUNS: dict = {}
 
-    return run_vllm(model=ckpt[0], prompts=prompts, dtype="float16", enforce_eager=enforce_eager,
-                    fusion_log=str(tmp_path / f"fusion-{len(list(tmp_path.iterdir()))}.json"),
-                    env_extra={**NO_CACHE, **env})
+
+def run(tmp_path_factory, fixture_ckpt, group_size: int, env: dict, enforce_eager: bool = False) -> dict:
+    """One vLLM engine run (memoized: the comparison test reuses the V2 per-channel run of the count test)."""
+    from tests.test_vllm_cpu_e2e import prompts, run_vllm
+
+    key = (group_size, tuple(sorted(env.items())), enforce_eager)
+    if key not in _RUNS:
+        ckpt = fixture_ckpt(group_size=group_size)
+        ps = prompts(ckpt[2].vocab_size, seed=5)
+        log = tmp_path_factory.mktemp("fusion") / "fusion.json"
+        out = run_vllm(model=ckpt[0], prompts=ps, dtype="float16", enforce_eager=enforce_eager,
+                       fusion_log=str(log), env_extra={**NO_CACHE, **env})
+        _RUNS[key] = dict(out, ckpt=ckpt, prompts=ps)
+    return _RUNS[key]
 
 
 def check_close(a: list, b: list, tol: float = FP16_TOL, min_compared: int = 1) -> float:
@@ -71,16 +81,14 @@ def check_close(a: list, b: list, tol: float = FP16_TOL, min_compared: int = 1) 
     return worst
 
 
-@pytest.mark.parametrize("group_size", [-1, 128])  # with_sum True (per-channel) / False (group 128)
-@pytest.mark.parametrize("v2", [False, True], ids=["v1-runner", "v2-runner"])
-def test_fused_ops_run_in_compiled_cuda_graph_mode(fixture_ckpt, tmp_path, group_size, v2):
-    from tests.test_vllm_cpu_e2e import check_against_reference, prompts
+@pytest.mark.parametrize("v2,group_size", [(False, -1), (True, -1), (True, 128)],
+                         ids=["v1-runner-per-channel", "v2-runner-per-channel", "v2-runner-g128"])
+def test_fused_ops_run_in_compiled_cuda_graph_mode(fixture_ckpt, tmp_path_factory, v2, group_size):
+    """Per-channel W4A8 fuses with_sum=True (the GEMM takes the activation sum), group 128 with_sum=False."""
+    from tests.test_vllm_cpu_e2e import check_against_reference
 
-    ckpt = fixture_ckpt(group_size=group_size)
-    layers = ckpt[2].num_hidden_layers
-    ps = prompts(ckpt[2].vocab_size, seed=5)
-    out = run(tmp_path, ckpt, ps, {"VLLM_USE_V2_MODEL_RUNNER": "1" if v2 else "0"})
-    fusion = out["fusion"]
+    out = run(tmp_path_factory, fixture_ckpt, group_size, {"VLLM_USE_V2_MODEL_RUNNER": "1" if v2 else "0"})
+    ckpt, fusion = out["ckpt"], out["fusion"]
     assert fusion["runner"] is not None, "the probe found no model runner"
     is_v2 = ".worker.gpu." in fusion["runner"]  # V2: vllm/v1/worker/gpu/model_runner.py
     assert is_v2 == v2, f"asked for the {'V2' if v2 else 'V1'} runner, got {fusion['runner']}"
@@ -89,23 +97,23 @@ def test_fused_ops_run_in_compiled_cuda_graph_mode(fixture_ckpt, tmp_path, group
     assert totals, "the fusion pass never ran (not installed, or the model was not compiled)"
     for compile_range, counts in totals.items():
         got = {k: counts[k] for k in KINDS}
-        assert got == expected_counts(layers), f"compile range {compile_range}: {counts} ({fusion['log']})"
-    check_against_reference(ckpt, out["generations"], ps, tol=FP16_TOL, min_compared=1)
+        assert got == expected_counts(ckpt[2].num_hidden_layers), \
+            f"compile range {compile_range}: {counts} ({fusion['log']})"
+    check_against_reference(ckpt, out["generations"], out["prompts"], tol=FP16_TOL, min_compared=1)
     print(f"{fusion['runner']}: {totals}")
 
 
-def test_fused_generations_match_unfused_and_eager(fixture_ckpt, tmp_path):
-    from tests.test_vllm_cpu_e2e import check_against_reference, prompts
+def test_fused_generations_match_unfused_and_eager(fixture_ckpt, tmp_path_factory):
+    from tests.test_vllm_cpu_e2e import check_against_reference
 
-    ckpt = fixture_ckpt(group_size=-1)
-    ps = prompts(ckpt[2].vocab_size, seed=6)
-    fused = run(tmp_path, ckpt, ps, {})
-    unfused = run(tmp_path, ckpt, ps, {"VLLM_QSERVE_DISABLE_FUSION": "1"})
-    eager = run(tmp_path, ckpt, ps, {}, enforce_eager=True)
+    fused = run(tmp_path_factory, fixture_ckpt, -1, {"VLLM_USE_V2_MODEL_RUNNER": "1"})
+    unfused = run(tmp_path_factory, fixture_ckpt, -1, {"VLLM_USE_V2_MODEL_RUNNER": "1",
+                                                       "VLLM_QSERVE_DISABLE_FUSION": "1"})
+    eager = run(tmp_path_factory, fixture_ckpt, -1, {"VLLM_USE_V2_MODEL_RUNNER": "1"}, enforce_eager=True)
     assert per_range(fused["fusion"]["log"]), "the fused run did not fuse"
     assert unfused["fusion"]["log"] == [], "VLLM_QSERVE_DISABLE_FUSION=1 still installed the pass"
     assert eager["fusion"]["log"] == []  # eager mode compiles nothing: the quantizers run unfused, correctly
     for r in (fused, unfused, eager):
-        check_against_reference(ckpt, r["generations"], ps, tol=FP16_TOL, min_compared=1)
+        check_against_reference(r["ckpt"], r["generations"], r["prompts"], tol=FP16_TOL, min_compared=1)
     print("fused vs unfused", check_close(fused["generations"], unfused["generations"]),
           "fused vs eager", check_close(fused["generations"], eager["generations"]))
