@@ -62,4 +62,12 @@ if __name__ == "__main__":
 
         llm.apply_model(functools.partial(probe_linears, path=args["probe_linears"]))
         payload["probe_path"] = args["probe_linears"]
+    if args.get("fusion_log"):
+        import functools
+
+        from tests.fusion_probe import dump_fusion_log
+
+        llm.apply_model(functools.partial(dump_fusion_log, path=args["fusion_log"]))
+        with open(args["fusion_log"]) as f:
+            payload["fusion"] = json.load(f)
     print("RESULT_JSON " + json.dumps(payload), flush=True)
