@@ -74,6 +74,9 @@ CacheGeometry check_cache(const char* op, const at::Tensor& cache, int64_t num_k
   g.page_bytes = page;
   g.num_blocks = static_cast<int>(cache.size(0));
   g.block_size = static_cast<int>(page / per_token);
+  g.block_size_log2 = -1;
+  for (int sh = 0; sh < 31; ++sh)
+    if ((1 << sh) == g.block_size) g.block_size_log2 = sh;
   g.num_kv_heads = static_cast<int>(num_kv_heads);
   return g;
 }

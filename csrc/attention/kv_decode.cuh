@@ -113,6 +113,12 @@ __device__ __forceinline__ float warp_sum_rows(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 16);
 }
 
+// Block-table column and offset of token position t (a shift for power-of-two block sizes: no integer division in
+// the main loop).
+__device__ __forceinline__ int block_col(const CacheGeometry& g, int t) {
+  return g.block_size_log2 >= 0 ? t >> g.block_size_log2 : t / g.block_size;
+}
+
 __device__ __forceinline__ int clamped_seq_len(const DecodeParams& p, int b) {
   return min(max(p.seq_lens[b], 0), p.max_blocks * p.g.block_size);
 }
@@ -255,11 +261,12 @@ kv_decode_kernel(const DecodeParams p) {
 
   auto issue = [&](int k) {
     const int t0 = t_begin + (warp + k * kDecodeWarps) * kTile;
-    const int blk = __ldg(bt + t0 / bs);
+    const int col = block_col(p.g, t0);
+    const int blk = __ldg(bt + col);
     const bool ok = (unsigned)blk < (unsigned)p.g.num_blocks;  // bad ids: read nothing (tile is skipped)
     const uint8_t* pk = p.g.cache + (ok ? (int64_t)blk * p.g.block_stride : 0);
     const uint8_t* pv = pk + p.g.page_bytes;
-    const int64_t row = head_row0 + (t0 - (t0 / bs) * bs);
+    const int64_t row = head_row0 + (t0 - col * bs);
     const uint8_t* srck = pk + row * kRowBytes;
     const uint8_t* srcv = pv + row * kRowBytes;
     uint8_t* st = wsm + (k % kStages) * kStageBytes;
@@ -307,7 +314,7 @@ kv_decode_kernel(const DecodeParams p) {
 
     const uint8_t* st = wsm + (k % kStages) * kStageBytes;
     const int t0 = t_begin + (warp + k * kDecodeWarps) * kTile;
-    const int blk = __ldg(bt + t0 / bs);
+    const int blk = __ldg(bt + block_col(p.g, t0));
     const int n_valid = (unsigned)blk < (unsigned)p.g.num_blocks ? min(kTile, t_end - t0) : 0;
     if (n_valid == 0) continue;  // only with block ids out of range
     const bool v0 = r < n_valid, v1 = r + 8 < n_valid;  // S^T rows of this lane: tokens r and r + 8
@@ -361,6 +368,8 @@ kv_decode_kernel(const DecodeParams p) {
 
     // ---- Online softmax (log2 domain) and P' = p * s_v * 2^ev, transposed into the B fragment of O^T += V^T P'^T.
     uint32_t pb[NT][2];
+    float aa[NT][2];          // rescale of acc / corr: 2^(m_old - m_new + ev_new - ev_old)
+    bool changed = ev_shift != 0.f;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       // s[j]: {token r, head 2t}, {token r, head 2t+1}, {token r+8, head 2t}, {token r+8, head 2t+1}
@@ -370,8 +379,13 @@ kv_decode_kernel(const DecodeParams p) {
       const float x3 = v1 ? fmaf(-zk1, qsum[j][1], s[j][3]) * ls1 : -INFINITY;
       const float mn0 = fmaxf(m_run[j][0], warp_max_rows(fmaxf(x0, x2)));
       const float mn1 = fmaxf(m_run[j][1], warp_max_rows(fmaxf(x1, x3)));
-      const float al0 = ex2(m_run[j][0] - mn0), al1 = ex2(m_run[j][1] - mn1);  // 0 on the first tile
-      const float aa0 = ex2(m_run[j][0] - mn0 + ev_shift), aa1 = ex2(m_run[j][1] - mn1 + ev_shift);
+      // Rescale factors are exactly 1 when neither the max nor the V exponent moved (most tiles after the first).
+      const bool ch0 = m_run[j][0] != mn0, ch1 = m_run[j][1] != mn1;
+      changed |= ch0 | ch1;
+      const float al0 = ch0 ? ex2(m_run[j][0] - mn0) : 1.f;  // 0 on the first tile (m = -inf)
+      const float al1 = ch1 ? ex2(m_run[j][1] - mn1) : 1.f;
+      aa[j][0] = (ch0 || ev_shift != 0.f) ? ex2(m_run[j][0] - mn0 + ev_shift) : 1.f;
+      aa[j][1] = (ch1 || ev_shift != 0.f) ? ex2(m_run[j][1] - mn1 + ev_shift) : 1.f;
       m_run[j][0] = mn0;
       m_run[j][1] = mn1;
       const float p0 = ex2(x0 - mn0), p1 = ex2(x1 - mn1), p2 = ex2(x2 - mn0), p3 = ex2(x3 - mn1);
@@ -380,18 +394,22 @@ kv_decode_kernel(const DecodeParams p) {
       const __half2 w01 = __floats2half2_rn(p0 * svs0, p1 * svs0);  // 8x8 [token r][head 2t, 2t+1]
       const __half2 w23 = __floats2half2_rn(p2 * svs1, p3 * svs1);  // tokens 8-15
       const float2 f01 = __half22float2(w01), f23 = __half22float2(w23);
-      corr[j][0] = fmaf(corr[j][0], aa0, fmaf(f01.x, zv0, f23.x * zv1));
-      corr[j][1] = fmaf(corr[j][1], aa1, fmaf(f01.y, zv0, f23.y * zv1));
-#pragma unroll
-      for (int i = 0; i < Cfg::kMTiles; ++i) {
-        acc[j][i][0] *= aa0;
-        acc[j][i][1] *= aa1;
-        acc[j][i][2] *= aa0;
-        acc[j][i][3] *= aa1;
-      }
+      corr[j][0] = fmaf(corr[j][0], aa[j][0], fmaf(f01.x, zv0, f23.x * zv1));
+      corr[j][1] = fmaf(corr[j][1], aa[j][1], fmaf(f01.y, zv0, f23.y * zv1));
       // transpose -> lane (g, t) holds P'[head g][tokens 2t, 2t+1] and [tokens 2t+8, 2t+9]
       pb[j][0] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(&w01));
       pb[j][1] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(&w23));
+    }
+    if (__any_sync(0xffffffffu, changed)) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < Cfg::kMTiles; ++i) {
+          acc[j][i][0] *= aa[j][0];
+          acc[j][i][1] *= aa[j][1];
+          acc[j][i][2] *= aa[j][0];
+          acc[j][i][3] *= aa[j][1];
+        }
     }
 
     // ---- O^T += V^T . P'^T over the codes.

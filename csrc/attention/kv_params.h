@@ -47,6 +47,7 @@ struct CacheGeometry {
   int64_t page_bytes;
   int num_blocks;
   int block_size;
+  int block_size_log2;     // log2(block_size) when it is a power of two (every block size vLLM uses), else -1
   int num_kv_heads;
 };
 
