@@ -51,6 +51,9 @@ CacheGeometry check_cache(const char* op, const at::Tensor& cache, int64_t num_k
   KCHECK(num_kv_heads > 0, "num_kv_heads must be positive, got ", S(num_kv_heads));
   check_head_dim(op, head_dim);
   KCHECK(cache.is_cuda(), "kv_cache must be a CUDA tensor, got ", cache.device());
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(cache.device().index());
+  KCHECK(prop->major >= 8, "the KV-cache kernels need compute capability 8.0 or newer (sm80+: cp.async, mma.sync ",
+         "f16), this GPU is ", S(prop->major), ".", S(prop->minor));
   KCHECK(cache.scalar_type() == at::kByte || cache.scalar_type() == at::kChar,
          "kv_cache must be uint8 (or int8), got ", cache.scalar_type());
   KCHECK(cache.dim() == 3 && cache.size(1) == 2, "kv_cache must be [num_blocks, 2, page_bytes], got shape ",
