@@ -63,15 +63,18 @@ def run(tmp_path_factory, fixture_ckpt, group_size: int, env: dict, enforce_eage
 
 
 def check_close(a: list, b: list, tol: float = FP16_TOL, min_compared: int = 1) -> float:
-    """Two vLLM runs of the same model: greedy tokens equal until a near-tie (each run's token in the other's
-    top-k, log-probabilities within tol), log-probabilities of shared top-k tokens within tol."""
+    """Two vLLM runs of the same model: greedy tokens equal until a near-tie, log-probabilities of shared top-k
+    tokens within tol.  Near-tie: in at least one of the runs the other run's token is in the top-k within tol
+    of the chosen one (with four candidates inside 0.2 nats, as measured on the H100, the other run's top-3 can
+    miss a token that is within 0.05 nats in this one)."""
     worst, compared = 0.0, 0
     for ra, rb in zip(a, b):
         for step, (ta, tb) in enumerate(zip(ra["token_ids"], rb["token_ids"])):
             la, lb = ra["logprobs"][step], rb["logprobs"][step]
             if ta != tb:
-                assert str(tb) in la and str(ta) in lb, f"step {step}: tokens {ta} / {tb} differ, not a near-tie"
-                assert abs(la[str(ta)] - la[str(tb)]) < tol and abs(lb[str(ta)] - lb[str(tb)]) < tol
+                tie_a = str(tb) in la and abs(la[str(ta)] - la[str(tb)]) < tol
+                tie_b = str(ta) in lb and abs(lb[str(ta)] - lb[str(tb)]) < tol
+                assert tie_a or tie_b, f"step {step}: tokens {ta} / {tb} differ, not a near-tie ({la} / {lb})"
                 break
             for t in set(la) & set(lb):
                 worst = max(worst, abs(la[t] - lb[t]))
