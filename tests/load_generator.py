@@ -389,25 +389,38 @@ def compare_choice(spec, ref_tokens, cand_tokens, ref_text, cand_text, tolerance
     return "near-tie", where
 
 
+def agreed_prefix(ref_tokens, cand_tokens) -> int:
+    """How many leading tokens two runs share."""
+    n = 0
+    for a, b in zip(ref_tokens, cand_tokens):
+        if a[0] != b[0]:
+            break
+        n += 1
+    return n
+
+
 def compare_runs(specs, reference: list[Result], candidate: list[Result], tolerance: float = 0.0):
     """Deterministic requests among `specs`, choice by choice: (mismatch descriptions, near-tie descriptions,
-    largest log-probability difference over the compared tokens)."""
+    largest log-probability difference over identical choices, (tokens agreed before any divergence, tokens))."""
     ref = {r.idx: r for r in reference}
     cand = {r.idx: r for r in candidate}
-    mismatches, near_ties, worst = [], [], 0.0
+    mismatches, near_ties, worst, agreed, total = [], [], 0.0, 0, 0
     for s in specs:
         r, c = ref.get(s.idx), cand.get(s.idx)
         if not s.deterministic or r is None or c is None or not (r.ok and c.ok):
             continue
         for i in range(s.n):
             verdict, detail = compare_choice(s, r.tokens[i], c.tokens[i], r.texts[i], c.texts[i], tolerance)
+            if r.tokens[i] is not None and c.tokens[i] is not None:
+                agreed += agreed_prefix(r.tokens[i], c.tokens[i])
+                total += len(r.tokens[i])
             if verdict == "differs":
                 mismatches.append(f"request {s.idx} ({s.kind}) choice {i}: under load differs from alone, {detail}")
             elif verdict == "near-tie":
                 near_ties.append(f"request {s.idx} ({s.kind}) choice {i}: {detail}")
             else:
                 worst = max(worst, detail)
-    return mismatches, near_ties, worst
+    return mismatches, near_ties, worst, (agreed, total)
 
 
 def summarize(specs, results, wall_s: float, concurrency: int) -> dict:
@@ -502,11 +515,15 @@ def load_test(base_url: str, model: str, num_requests: int = 200, concurrency: i
         seq = asyncio.run(run_load(base_url, model, replay, 1, timeout, progress, "sequential"))
         problems += [f"sequential replay: {p}" for p in find_problems(replay, seq)]
         under_load = [results[s.idx] for s in replay]
-        greedy, greedy_ties, worst_g = compare_runs([s for s in replay if s.temperature == 0], seq, under_load,
-                                                    tolerance)
-        seeded, seeded_ties, worst_s = compare_runs([s for s in replay if s.temperature != 0], seq, under_load,
-                                                    tolerance)
+        greedy, greedy_ties, worst_g, (agreed, total) = compare_runs(
+            [s for s in replay if s.temperature == 0], seq, under_load, tolerance)
+        seeded, seeded_ties, worst_s, _ = compare_runs([s for s in replay if s.temperature != 0], seq, under_load,
+                                                       tolerance)
         problems += greedy + (seeded if seeded_check else [])
+        if agreed * 2 < total:  # near-ties are the exception: most greedy tokens must agree before any divergence
+            problems.append(f"only {agreed} of {total} greedy tokens agree with the sequential run before a "
+                            f"divergence")
+        summary["greedy_tokens_agreeing"] = f"{agreed}/{total}"
         summary["replayed"], summary["tolerance"] = len(replay), tolerance
         summary["greedy_mismatches"], summary["seeded_mismatches"] = len(greedy), len(seeded)
         summary["near_ties"] = len(greedy_ties) + len(seeded_ties)
