@@ -598,6 +598,8 @@ def main(argv=None) -> int:
     p.add_argument("--serve-fixture", action="store_true",
                    help="start `vllm serve` on a tiny random QServe fixture checkpoint and load it")
     p.add_argument("--fixture-group-size", type=int, default=-1, choices=(-1, 128))
+    p.add_argument("--fixture-kv-bits", type=int, default=16, choices=(16, 8, 4),
+                   help="4 or 8: a w4a8kv4/kv8 fixture, served with the plugin's quantized KV cache")
     p.add_argument("--server-args", default=None,
                    help="extra `vllm serve` arguments with --serve-fixture (default: --max-model-len 256, plus "
                         "--enforce-eager --no-enable-chunked-prefill without a GPU: see docs/reliability.md)")
@@ -633,7 +635,8 @@ def main(argv=None) -> int:
             from vllm_qserve.convert.fixture import make_fixture_checkpoint
 
             tmp = tempfile.mkdtemp(prefix="qserve-load-")
-            make_fixture_checkpoint(os.path.join(tmp, "ckpt"), group_size=args.fixture_group_size)
+            make_fixture_checkpoint(os.path.join(tmp, "ckpt"), group_size=args.fixture_group_size,
+                                    kv_bits=args.fixture_kv_bits)
             print(f"starting vllm serve on a fixture ({tmp}/server.log) ...", file=sys.stderr)
             from tests.vllm_server import platform_server_args
 
@@ -649,6 +652,9 @@ def main(argv=None) -> int:
                             args.timeout, warmup=args.warmup, tolerance=tolerance)
         if server is not None:
             extra["server_alive_after"] = server.healthy()
+            cache = server.labels("vllm:cache_config_info")
+            extra["server_cache_config"] = {k: cache.get(k) for k in ("cache_dtype", "block_size", "num_gpu_blocks",
+                                                                      "enable_prefix_caching")}
             m = server.metrics()
             extra["server_metrics"] = {k: m.get(k) for k in ("vllm:num_preemptions_total",
                                                              "vllm:kv_cache_usage_perc",
