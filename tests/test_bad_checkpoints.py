@@ -180,3 +180,144 @@ def test_error_reaches_the_vllm_user(fixture_ckpt, tmp_path):
     d = _tamper(fixture_ckpt, tmp_path, lambda t: t.pop(f"{Q}.s1_szeros"))
     with pytest.raises(Exception, match=rf"missing tensor {Q}\.s1_szeros \(W4A8 per-channel layout"):
         LLM(model=d, max_model_len=128, enforce_eager=True)
+
+
+# --- safetensors headers that lie about where the bytes are -------------------------------------------------------
+# vLLM memory-maps safetensors files and hands every tensor's bytes to the weight loader (and from there to the
+# kernels); a header whose offsets overlap, leave holes, disagree with the shape or run past the file must be
+# refused while the header is all that has been read.
+
+L0, L1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+
+
+def _edit_header(fixture_ckpt, tmp_path, edit):
+    """Copy of the fixture whose model.safetensors header went through edit(header) (the data bytes unchanged)."""
+    import struct
+
+    d = _copy(fixture_ckpt(group_size=-1)[0], tmp_path / "bad")
+    path = os.path.join(d, "model.safetensors")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    header = edit(header)
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    return d
+
+
+def _set(name, **fields):
+    def edit(h):
+        h[name].update(fields)
+        return h
+
+    return edit
+
+
+def test_safetensors_offsets_overlap(fixture_ckpt, tmp_path):
+    """Two tensors pointing at the same bytes: each loads fine alone, so only the header check can see it."""
+    def edit(h):
+        h[f"{L1}.s1_scales"]["data_offsets"] = h[f"{L0}.s1_scales"]["data_offsets"]
+        return h
+
+    d = _edit_header(fixture_ckpt, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.[01]\.self_attn\.q_proj\.s1_scales \(bytes \[\d+, "
+                                              r"\d+\)\) overlaps tensor .*the header is corrupt"):
+        _inspect(d)
+
+
+def test_safetensors_offsets_past_the_end(fixture_ckpt, tmp_path):
+    def edit(h):
+        start, end = h[f"{L0}.qweight"]["data_offsets"]
+        h[f"{L0}.qweight"]["data_offsets"] = [start + 10**9, end + 10**9]
+        return h
+
+    d = _edit_header(fixture_ckpt, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=rf"{L0}\.qweight has data offsets \[\d+, \d+\) that run past the end "
+                                              r"of the file \(\d+ data bytes\)"):
+        _inspect(d)
+
+
+def test_safetensors_offsets_disagree_with_shape(fixture_ckpt, tmp_path):
+    d = _edit_header(fixture_ckpt, tmp_path, _set(f"{L0}.s1_scales", shape=[512]))
+    with pytest.raises(CheckpointError, match=rf"{L0}\.s1_scales has data offsets \[\d+, \d+\) \(512 bytes\) but "
+                                              r"shape \[512\] and dtype F16 need 1024 bytes"):
+        _inspect(d)
+
+
+def test_safetensors_dtype_changed_in_header(fixture_ckpt, tmp_path):
+    """fp16 scales relabelled as int8 in the header: the byte count no longer matches the shape."""
+    d = _edit_header(fixture_ckpt, tmp_path, _set(f"{L0}.s1_scales", dtype="I8"))
+    with pytest.raises(CheckpointError, match=rf"{L0}\.s1_scales has data offsets .* \(512 bytes\) but shape "
+                                              r"\[256\] and dtype I8 need 256 bytes"):
+        _inspect(d)
+
+
+def test_safetensors_hole_in_the_data(fixture_ckpt, tmp_path):
+    def edit(h):
+        del h[f"{L0}.s1_szeros"]
+        return h
+
+    d = _edit_header(fixture_ckpt, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"bytes \[\d+, \d+\) before tensor .* belong to no tensor|the tensors "
+                                              r"end at data byte \d+ but the file holds \d+"):
+        _inspect(d)
+
+
+@pytest.mark.parametrize("bad", [[], {"x": {"dtype": "F16", "shape": [2]}}, {"x": {"dtype": "F16", "shape": [-2],
+                                 "data_offsets": [0, 4]}}, {"x": {"dtype": "F16", "shape": [2],
+                                                                  "data_offsets": [0, "4"]}}],
+                         ids=["not-an-object", "no-offsets", "negative-dim", "string-offset"])
+def test_safetensors_malformed_header_entries(fixture_ckpt, tmp_path, bad):
+    d = _edit_header(fixture_ckpt, tmp_path, lambda h: bad)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        _inspect(d)
+
+
+# --- through vLLM: the error comes from config creation, before an engine process, a weight load or a kernel -----
+
+def _engine_config(d, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=d, max_model_len=128, enforce_eager=True, **kw).create_engine_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["overlap", "wrong-dtype"])
+def test_vllm_refuses_bad_safetensors_before_loading(fixture_ckpt, tmp_path, case):
+    """EngineArgs.create_engine_config() is the step before vLLM starts its engine process (which is where weights
+    are read and kernels run): the checkpoint error must come out of it."""
+    if case == "overlap":
+        def edit(h):
+            h[f"{L1}.s1_scales"]["data_offsets"] = h[f"{L0}.s1_scales"]["data_offsets"]
+            return h
+
+        d, expect = _edit_header(fixture_ckpt, tmp_path, edit), "overlaps tensor"
+    else:
+        d = _tamper(fixture_ckpt, tmp_path, lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"].float()}))
+        expect = rf"{Q}\.qweight has dtype torch.float32, expected torch.int8"
+    with pytest.raises(Exception, match=expect):
+        _engine_config(d)
+
+
+@pytest.mark.slow
+def test_vllm_refuses_pickle_payload_without_running_it(fixture_ckpt, tmp_path):
+    """`--quantization qserve` on a zoo-style .bin that carries a code-executing pickle: refused at config
+    creation and the payload never runs."""
+    d = _copy(fixture_ckpt(group_size=-1, fmt="bin", zoo_style=True)[0], tmp_path / "bad")
+    state = torch.load(os.path.join(d, "pytorch_model.bin"), weights_only=True)
+    marker = tmp_path / "pwned"
+    state["model.layers.0.extra"] = _Marker(str(marker))
+    torch.save(state, os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(Exception, match="refused to load: the file holds pickled objects other than tensors"):
+        _engine_config(d, quantization="qserve")
+    assert not marker.exists(), "the pickle payload ran"
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))

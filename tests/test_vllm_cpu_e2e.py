@@ -80,9 +80,9 @@ def check_layers_exact(ckpt_dir, probe_path):
         assert not torch.isnan(y).any()
 
 
-def check_against_reference(ckpt, generations, prompt_ids, tol=LOGPROB_TOL, min_compared=None):
+def check_against_reference(ckpt, generations, prompt_ids, tol=LOGPROB_TOL, min_compared=None, kv_bits=16):
     d, state, config = ckpt
-    model = build_reference_model(config, state, load_tensors(d))
+    model = build_reference_model(config, state, load_tensors(d), kv_bits=kv_bits)
     worst, compared = 0.0, 0
     for p, r in zip(prompt_ids, generations):
         with torch.no_grad():

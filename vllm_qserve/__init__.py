@@ -19,5 +19,8 @@ def register() -> None:
 
     register_quantization_config("qserve")(QServeConfig)
     from vllm_qserve import ops  # noqa: F401  (registers torch.ops.qserve.* and their fake impls)
+    from vllm_qserve.attention import selection
+
+    selection.install()  # KV4/KV8 cache + attention backend for qserve checkpoints (see attention/selection.py)
 
     _registered = True

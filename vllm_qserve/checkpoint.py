@@ -60,8 +60,16 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
                        "I64": torch.int64, "BOOL": torch.bool}
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _read_safetensors_header(path: str) -> dict:
-    """Parse the header ourselves so that bad offsets/sizes get an error naming the tensor."""
+    """Parse the header ourselves, before vLLM memory-maps a byte of the file, so that an untrusted or damaged
+    file gets an error naming the tensor at fault: every entry must have a known dtype, a shape of non-negative
+    ints and data offsets whose length is exactly shape x dtype, and the tensors must tile the data buffer with
+    no overlap, no hole and nothing past its end (the safetensors rules; a file that breaks them would otherwise
+    reach the weight loader, or hand a kernel the bytes of another tensor)."""
     import json
     import struct
 
@@ -78,24 +86,50 @@ def _read_safetensors_header(path: str) -> dict:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     data_bytes = size - 8 - n
-    metas = {}
+    metas, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{path}: corrupt safetensors header: the entry of tensor {name} needs dtype, "
+                                  f"shape and data_offsets")
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
-        shape = tuple(entry["shape"])
-        start, end = entry["data_offsets"]
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} has shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} has data_offsets {offsets!r}")
+        start, end = offsets
         numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * dtype.itemsize or start < 0 or end > data_bytes:
-            raise CheckpointError(f"{path}: tensor {name} has data offsets [{start}, {end}) that do not match its "
-                                  f"shape {list(shape)} and dtype or run past the end of the file "
-                                  f"({data_bytes} data bytes): the file is truncated or corrupt")
-        metas[name] = TensorMeta(dtype, shape)
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if start < 0 or end - start != nbytes:
+            raise CheckpointError(f"{path}: tensor {name} has data offsets [{start}, {end}) ({end - start} bytes) "
+                                  f"but shape {list(shape)} and dtype {entry['dtype']} need {nbytes} bytes: the "
+                                  f"header is corrupt")
+        if end > data_bytes:
+            raise CheckpointError(f"{path}: tensor {name} has data offsets [{start}, {end}) that run past the end "
+                                  f"of the file ({data_bytes} data bytes): the file is truncated or corrupt")
+        metas[name] = TensorMeta(dtype, tuple(shape))
+        spans.append((start, end, name))
+    covered, last = 0, None
+    for start, end, name in sorted(spans):
+        if start < covered:
+            raise CheckpointError(f"{path}: tensor {name} (bytes [{start}, {end})) overlaps tensor {last}, which "
+                                  f"ends at byte {covered}: the header is corrupt")
+        if start > covered:
+            raise CheckpointError(f"{path}: bytes [{covered}, {start}) before tensor {name} belong to no tensor "
+                                  f"(safetensors allows no holes): the header is corrupt")
+        covered, last = end, name
+    if covered != data_bytes:
+        raise CheckpointError(f"{path}: the tensors end at data byte {covered} but the file holds {data_bytes}: "
+                              f"the header is corrupt or the file has trailing bytes")
     return metas
 
 

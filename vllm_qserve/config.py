@@ -83,8 +83,10 @@ class QServeConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             if any(m in prefix for m in self.modules_to_not_convert):
                 return UnquantizedLinearMethod()
+            from vllm_qserve.fusion.install import install_pass_manager_hook
             from vllm_qserve.linear import QServeLinearMethod
 
+            install_pass_manager_hook()  # compiled graphs of this model get the fused norm/SiLU quantizers
             return QServeLinearMethod(self, prefix)
         return None
 

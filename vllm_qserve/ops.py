@@ -45,3 +45,7 @@ def cuda_ops_available() -> tuple[bool, str | None]:
     if not HAS_CUDA_OPS:
         return False, f"the CUDA extension vllm_qserve._C is not built ({CUDA_OPS_IMPORT_ERROR})"
     return True, None
+
+
+from vllm_qserve.fusion import fused_ops as _fused_ops  # noqa: E402,F401  (fakes of the fused norm/act quant ops)
+from vllm_qserve import attention_ops  # noqa: E402,F401  (KV4/KV8 paged-cache ops: fakes, wrappers)

@@ -66,7 +66,8 @@ class CudaW4A8Kernel(QServeLinearKernel):
         spec = self.spec
         per_channel = spec.weight_bits == 4 and spec.group_size == -1
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        # No reshape node for the usual 2-D input: the fusion pass matches norm -> quantize_per_token directly.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         xq, sx, xsum = torch.ops.qserve.quantize_per_token(x2, per_channel)

@@ -33,7 +33,8 @@ def quantize_kv(x: torch.Tensor, bits: int):
     levels = _levels(bits)
     xf = x.float()
     mn, mx = xf.amin(dim=-1), xf.amax(dim=-1)
-    scale = (mx - mn) / levels
+    # tensor/tensor division: PyTorch's CUDA division by a Python scalar multiplies by the reciprocal (not IEEE)
+    scale = (mx - mn) / torch.full_like(mx, float(levels))
     flat = scale == 0
     scale = torch.where(flat, torch.ones_like(scale), scale).to(torch.float16)
     zero = (-mn / scale.float()).to(torch.float16)

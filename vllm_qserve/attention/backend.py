@@ -1,0 +1,220 @@
+"""The vLLM attention backend for QServe's KV4/KV8 cache (registered in vLLM's ``CUSTOM`` slot).
+
+Page layout: one kernel block of one layer is ``uint8 [2, page_bytes]`` (K page, V page), each page QServe's
+``data [H][block_size][D*bits/8]``, then ``scales fp16 [H][block_size]``, then ``zeros fp16 [H][block_size]``.
+That is exactly the ``2*B*H*(D*bits/8 + 4)`` bytes vLLM budgets for ``int4_per_token_head`` /
+``int8_per_token_head``, so vLLM's block manager, prefix caching and preemption work unchanged: every block holds
+its own scales and zeros, and a block shared by a prefix-cache hit is never rewritten.
+
+Batches are reordered decodes-first (``reorder_batch_threshold = 1``).  Decodes go to the paged decode kernel;
+everything else (prompts, chunked-prefill chunks, prefix-cache continuations) attends over the *quantized* cache,
+new tokens included, so that a prompt token's attention sees the same K/V that a later decode step will.
+
+CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` — pure-decode batches run in full CUDA graphs (the decode kernel's
+grid depends only on shapes); mixed and prefill batches run piecewise (the prefill path sizes its workspace from
+host-side lengths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_qserve.attention import KV_CACHE_DTYPE_BITS
+from vllm_qserve.attention.kernels import KVSpec, choose_kv_kernel
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+def kv_page_bytes(block_size: int, num_kv_heads: int, head_size: int, bits: int) -> int:
+    """Bytes of one K (or V) page of one layer."""
+    return block_size * num_kv_heads * (head_size * bits // 8 + 4)
+
+
+def kv_bits_of(cache_dtype_str: str) -> int:
+    try:
+        return KV_CACHE_DTYPE_BITS[cache_dtype_str]
+    except KeyError:
+        raise ValueError(f"the qserve KV backend serves --kv-cache-dtype {sorted(KV_CACHE_DTYPE_BITS)}, not "
+                         f"{cache_dtype_str!r} (16-bit KV runs on vLLM's own backends)") from None
+
+
+class QServeKVBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPE_BITS)
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM maps the name back to its enum: the plugin slot is CUSTOM
+
+    @staticmethod
+    def get_supported_kernel_block_sizes():
+        return [16, 32, 64]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 80, 96, 112, 128, 256]
+
+    @staticmethod
+    def get_impl_cls():
+        return QServeKVImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return QServeKVMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        bits = kv_bits_of(cache_dtype_str)
+        if (head_size * bits) % 8:
+            raise ValueError(f"head size {head_size} cannot be packed at {bits} bits")
+        return (num_blocks, 2, kv_page_bytes(block_size, num_kv_heads, head_size, bits))
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        if include_num_layers_dimension:
+            raise NotImplementedError("qserve KV pages are per layer (no cross-layer layout)")
+        return (0, 1, 2)
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class QServePrefillMetadata:
+    """The non-decode requests of a batch (they follow the decodes)."""
+
+    block_table: torch.Tensor  # [P, max_blocks]
+    seq_lens: torch.Tensor  # [P] int32, context + new tokens
+    cu_seqlens_q: torch.Tensor  # [P + 1] int32, relative to the first prefill token
+    cu_seqlens_k: torch.Tensor  # [P + 1] int32
+    max_query_len: int
+    max_seq_len: int
+    total_kv_tokens: int
+
+
+@dataclass
+class QServeKVMetadata:
+    num_actual_tokens: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    prefill: QServePrefillMetadata | None = None
+
+
+class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> QServeKVMetadata:
+        cm = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        md = QServeKVMetadata(num_actual_tokens=cm.num_actual_tokens, num_decodes=num_decodes,
+                              num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
+                              max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+                              query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
+                              block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping)
+        if num_prefills:
+            md.prefill = self._build_prefill(cm, num_decodes, num_decode_tokens)
+        return md
+
+    def _build_prefill(self, cm, num_decodes: int, num_decode_tokens: int) -> QServePrefillMetadata:
+        # Host-side lengths size the dequantization workspace; prefill batches are never in a full CUDA graph.
+        lo, hi = num_decodes, cm.num_reqs
+        qsl_cpu = cm.query_start_loc_cpu[lo:hi + 1]
+        seq_cpu = cm.seq_lens_cpu[lo:hi].to(torch.int32)
+        q_lens = qsl_cpu[1:] - qsl_cpu[:-1]
+        cu_k = torch.zeros(hi - lo + 1, dtype=torch.int32)
+        torch.cumsum(seq_cpu, 0, out=cu_k[1:])
+        dev = cm.seq_lens.device
+        return QServePrefillMetadata(
+            block_table=cm.block_table_tensor[lo:hi],
+            seq_lens=cm.seq_lens[lo:hi],
+            cu_seqlens_q=(cm.query_start_loc[lo:hi + 1] - num_decode_tokens).to(torch.int32),
+            cu_seqlens_k=cu_k.to(dev, non_blocking=True),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_cpu.max()),
+            total_kv_tokens=int(cu_k[-1]),
+        )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> QServeKVMetadata:
+        md = self.build(0, common_attn_metadata)
+        # The kernel reads lengths from device memory at replay; capturing with length 1 keeps capture fast.
+        md.seq_lens.fill_(1)
+        return md
+
+
+class QServeKVImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
+                 sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks=None, **extra) -> None:
+        unsupported = {"ALiBi slopes": alibi_slopes is not None, "sliding window": sliding_window is not None,
+                       "logits soft-capping": bool(logits_soft_cap), "attention sinks": sinks is not None,
+                       f"attention type {attn_type}": attn_type != AttentionType.DECODER}
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise NotImplementedError(f"the qserve KV4/KV8 attention backend does not support {', '.join(bad)}; "
+                                      f"use a 16-bit KV cache (--kv-cache-dtype auto with a kv_bits=16 checkpoint, "
+                                      f"or --kv-cache-dtype float16/bfloat16)")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.bits = kv_bits_of(kv_cache_dtype)
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.attn_type = attn_type
+        self.kernel = None
+
+    def _kernel(self, x: torch.Tensor):
+        if self.kernel is None:
+            spec = KVSpec(self.num_heads, self.num_kv_heads, self.head_size, self.bits, x.dtype, x.device.type)
+            self.kernel = choose_kv_kernel(spec)
+            logger.info_once("qserve KV cache: %d-bit per token and head (fp16 scale + zero), kernel %s",
+                             self.bits, self.kernel.name)
+        return self.kernel
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if self.kv_sharing_target_layer_name is not None:
+            return
+        self._kernel(key).write(key, value, kv_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("qserve KV backend: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        q = query.view(-1, self.num_heads, self.head_size)
+        out = output.view(-1, self.num_heads, self.head_size)
+        self._kernel(q).attend(q, kv_cache, attn_metadata, self.scale, out)
+        return output

