@@ -109,6 +109,9 @@ def test_quantize_writes_valid_checkpoints_and_qoq_beats_rtn(workspace, group_si
         info = inspect_checkpoint(d, Qwen2Config(**cfg))
         assert (info.weight_bits, info.group_size) == (4, int(group_size))
         assert "model.layers.0.self_attn.q_proj.bias" in info.tensors
+        # exactly the format's tensors: 7 projections x (3 or 4 tensors + q/k/v biases), 2 norms per layer, globals
+        per_proj = 3 if group_size == "-1" else 4
+        assert len(info.tensors) == 2 * (7 * per_proj + 3 + 2) + 2 + (0 if tied else 1), sorted(info.tensors)
     log = json.load(open(os.path.join(qoq, "quantize_log.json")))
     assert log["method"] == "qoq" and len(log["layers"]) == 2
     assert log["calibration"]["samples"] == 8
@@ -172,13 +175,14 @@ def test_eval_ppl_through_vllm_matches_direct_computation(workspace, tmp_path):
 
 @pytest.mark.slow
 def test_qoq_checkpoint_through_vllm_matches_simulation(workspace, tmp_path):
-    """A QoQ checkpoint (rotated, untied lm_head, q/k/v bias) loads in vLLM with no flag, and its perplexity
-    there equals the PyTorch simulation of QServe's numerics at 16-bit KV (vLLM's CPU KV cache)."""
-    qoq = _quantize(workspace, "qoq128", "--group-size", "128")
+    """A QoQ W4A8KV4 checkpoint (rotated, untied lm_head, q/k/v bias) loads in vLLM with no flag -- KV4 cache
+    included -- and its perplexity there equals the PyTorch simulation of QServe's numerics with a KV4 cache."""
+    qoq = _quantize(workspace, "qoq-1", "--group-size", "-1")
     res = _eval_cli(tmp_path, "--model", qoq, "--data", workspace["text"], "--seq-len", "256", "--max-windows", "6",
                     "--dtype", "float32")
     sim = _eval_cli(tmp_path, "--model", qoq, "--data", workspace["text"], "--seq-len", "256", "--max-windows", "6",
-                    "--backend", "torch", "--kv-bits", "16")
+                    "--backend", "torch")
+    assert res["kv_cache_dtype_resolved"] == "int4_per_token_head" and sim["kv_bits"] == 4
     assert res["scored_tokens"] == sim["scored_tokens"]
     # same math, different accumulation order: an int8 activation code flips now and then (tests/test_vllm_cpu_e2e)
     assert math.isclose(res["ppl"], sim["ppl"], rel_tol=0.01), (res["ppl"], sim["ppl"])

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="vllm", choices=("vllm", "torch"),
                    help="vllm (default); torch = PyTorch simulation of QServe's numerics (can simulate KV4/KV8)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8, 16),
-                   help="torch backend: simulated KV cache bits (default: the checkpoint's kv_bits)")
+                   help="KV cache bits instead of the checkpoint's kv_bits (vLLM: via hf_overrides; torch: "
+                        "simulated)")
     p.add_argument("--device", default="cpu", help="torch backend device")
     p.add_argument("--output", default=None, metavar="JSON", help="also write the result here")
     p.set_defaults(func=_cmd_eval_ppl)

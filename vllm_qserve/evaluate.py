@@ -51,8 +51,13 @@ def _result(nll: float, tokens: int, windows: int, seq_len: int, seconds: float,
 
 
 def ppl_vllm(model_dir: str, windows: list, quantization: str | None = None, dtype: str = "auto",
-             kv_cache_dtype: str | None = None, batch_windows: int = 8, llm=None, **llm_kwargs) -> dict:
-    """Perplexity through vLLM's prompt log-probabilities."""
+             kv_cache_dtype: str | None = None, kv_bits: int | None = None, batch_windows: int = 8, llm=None,
+             **llm_kwargs) -> dict:
+    """Perplexity through vLLM's prompt log-probabilities.
+
+    kv_bits overrides the checkpoint's declared KV-cache bits (its quantization_config, through vLLM's
+    hf_overrides): the same weights measured with a 16-bit or a quantized cache.
+    """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM, SamplingParams
 
@@ -65,6 +70,13 @@ def ppl_vllm(model_dir: str, windows: list, quantization: str | None = None, dty
             kwargs["quantization"] = quantization
         if kv_cache_dtype:
             kwargs["kv_cache_dtype"] = kv_cache_dtype
+        if kv_bits is not None:
+            with open(os.path.join(model_dir, "config.json")) as f:
+                qcfg = json.load(f).get("quantization_config")
+            if not qcfg:
+                raise ValueError(f"--kv-bits needs a checkpoint with a quantization_config ({model_dir} has none); "
+                                 f"use --kv-cache-dtype")
+            kwargs["hf_overrides"] = {"quantization_config": dict(qcfg, kv_bits=kv_bits)}
         kwargs.update(llm_kwargs)
         llm = LLM(**kwargs)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -83,8 +95,10 @@ def ppl_vllm(model_dir: str, windows: list, quantization: str | None = None, dty
                 tokens += len(w) - 1
             bar.update(len(chunk))
             bar.set_postfix(ppl=f"{math.exp(nll / tokens):.3f}")
+    cache = llm.llm_engine.vllm_config.cache_config
     return _result(nll, tokens, len(windows), seq_len, time.perf_counter() - t0, backend="vllm",
-                   dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""))
+                   dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
+                   kv_cache_dtype_resolved=str(cache.cache_dtype))
 
 
 @torch.no_grad()
@@ -157,7 +171,8 @@ def evaluate_ppl(model_dir: str, data: str, seq_len: int = 2048, backend: str = 
     windows = eval_windows(tok, read_eval_text(data, wikitext), seq_len, max_windows)
     print(f"[eval] {len(windows)} windows of {seq_len} tokens from {data}", file=sys.stderr)
     if backend == "vllm":
-        res = ppl_vllm(model_dir, windows, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+        res = ppl_vllm(model_dir, windows, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                       kv_bits=kv_bits)
     elif backend == "torch":
         torch_dtype = {"auto": torch.float32, "float32": torch.float32, "float16": torch.float16,
                        "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import os
 import sys
 import tempfile
@@ -74,12 +75,36 @@ def check_quantizable(cfg: dict, weight_bits: int, group_size: int) -> None:
         check_projection_dims(f"model.layers.*.{name}", n, k, weight_bits, group_size)
 
 
-def _fp16_rest(sd: dict) -> dict:
-    """Everything but the quantized projection weights, in fp16."""
-    from vllm_qserve.convert.writer import _PROJ_RE
+_PROJ_MODULE_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.")
 
-    return {k: v.to(torch.float16).contiguous() for k, v in sd.items()
-            if not _PROJ_RE.match(k) and not (k.endswith("_proj.bias") and _PROJ_RE.match(k[:-5] + ".weight"))}
+
+def _fp16_rest(sd: dict) -> dict:
+    """Everything that is not part of a projection (embeddings, norms, lm_head), in fp16.  The projections'
+    checkpoint tensors come from the quantizer; their simulation modules' own parameters are not written."""
+    return {k: v.to(torch.float16).contiguous() for k, v in sd.items() if not _PROJ_MODULE_RE.match(k)}
+
+
+def check_tensor_names(tensors: dict, cfg: dict, weight_bits: int, group_size: int) -> None:
+    """The checkpoint holds exactly what the format defines: no missing and no stray tensor."""
+    from vllm_qserve.checkpoint import PROJECTIONS, expected_tensors
+
+    a = ArchSpec.from_config(cfg)
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not cfg.get("tie_word_embeddings"):
+        expected.add("lm_head.weight")
+    for i in range(a.num_layers):
+        expected |= {f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        for proj in PROJECTIONS:
+            expected |= {f"model.layers.{i}.{proj}.{s}" for s in expected_tensors(1, GROUP_K, weight_bits, group_size)}
+    biases = {k for k in tensors if k.endswith("_proj.bias")}
+    stray = sorted(set(tensors) - expected - biases)
+    missing = sorted(expected - set(tensors))
+    if stray or missing:
+        raise RuntimeError(f"internal error: checkpoint tensors do not match the format (stray: {stray[:4]}, "
+                           f"missing: {missing[:4]})")
+
+
+GROUP_K = 128  # any K divisible by the group size: only the tensor names matter here
 
 
 def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size: int = -1, kv_bits: int = 4,
@@ -155,6 +180,7 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
             rest = _fp16_rest(lm.hf_state_dict())
             tensors = {k: v.cpu() for k, v in {**rest, **tensors}.items()}
             cfg = dict(cfg, tie_word_embeddings=lm.arch.tie_word_embeddings)
+            check_tensor_names(tensors, cfg, weight_bits, group_size)
             save_checkpoint(out_dir, tensors, cfg, Precision(weight_bits, kv_bits), group_size, tok_dir, fmt)
             log["qoq"] = {k: v for k, v in asdict(opts).items() if k != "log"}
             log["layers"] = opts.log.get("layers")
