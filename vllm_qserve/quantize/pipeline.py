@@ -195,8 +195,9 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
         for name in os.listdir(out_dir):
             os.chmod(os.path.join(out_dir, name), 0o666 & ~umask)
             os.replace(os.path.join(out_dir, name), os.path.join(output, name))
-    print(f"[quantize] wrote {method} W{weight_bits}A8 group {group_size} KV{kv_bits} checkpoint to {output} "
-          f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    what = ("the fp16 model" if method == "none" else
+            f"a {method} {Precision(weight_bits, kv_bits).name} group {group_size} checkpoint")
+    print(f"[quantize] wrote {what} to {output} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     return output
 
 
