@@ -87,6 +87,10 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="default benchmarks/results/accuracy_<model>_g<group>.json")
     args = ap.parse_args()
 
+    for what, path in (("--data", args.data), ("--calib", args.calib)):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{what} {path}: no such file (WikiText-2 lives in ../shared/data/wikitext-2 relative "
+                             f"to the project root; pass the path)")
     model = args.model
     if model in KNOWN:
         from vllm_qserve.convert.gguf import fetch_known_gguf

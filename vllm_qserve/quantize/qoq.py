@@ -75,10 +75,9 @@ class QoQOptions:
 class _Observer:
     """Statistics of one fp pass of a decoder layer (hooks on its modules)."""
 
-    def __init__(self, layer: DecoderLayer, opts: QoQOptions, sample_idx: torch.Tensor, tokens_per_seq: int):
-        self.layer, self.opts = layer, opts
+    def __init__(self, layer: DecoderLayer, sample_idx: torch.Tensor):
+        self.layer = layer
         self.sample_idx = sample_idx  # flat token indices (over all calibration tokens) kept for searches
-        self.tokens_per_seq = tokens_per_seq
         self.offset = 0  # flat index of the current batch's first token
         a = layer.self_attn.arch
         h, inter = a.hidden_size, a.intermediate_size
@@ -91,7 +90,6 @@ class _Observer:
         for name, (part, projs) in GROUPS.items():
             mod = getattr(getattr(layer, part), projs[0])
             self._hooks.append(mod.register_forward_pre_hook(self._input_hook(name)))
-        layer.self_attn.kv_hook = self._kv_hook
         layer.self_attn.qk_observer = self._qk_observer
         self.q_samples, self.k_samples = [], []
 
@@ -110,7 +108,9 @@ class _Observer:
         return hook
 
     def _qk_observer(self, q, k):
-        """Sampled queries [n, H, D] and keys [n, Hkv, D] after RoPE (for the SmoothAttention search)."""
+        """max |key| [Hkv, D]; sampled queries [n, H, D] and keys [n, Hkv, D] (after RoPE; SmoothAttention)."""
+        m = k.detach().abs().amax(dim=(0, 2)).double()
+        self.key_absmax = m if self.key_absmax is None else torch.maximum(self.key_absmax, m)
         b, _, t, _ = q.shape
         lo, hi = self.offset, self.offset + b * t
         sel = self.sample_idx[(self.sample_idx >= lo) & (self.sample_idx < hi)] - lo
@@ -118,15 +118,9 @@ class _Observer:
             self.q_samples.append(q.detach().permute(0, 2, 1, 3).reshape(b * t, q.shape[1], -1)[sel].clone())
             self.k_samples.append(k.detach().permute(0, 2, 1, 3).reshape(b * t, k.shape[1], -1)[sel].clone())
 
-    def _kv_hook(self, _index, k, v):
-        m = k.detach().abs().amax(dim=(0, 2)).double()  # [Hkv, D]
-        self.key_absmax = m if self.key_absmax is None else torch.maximum(self.key_absmax, m)
-        return k, v
-
     def close(self):
         for h in self._hooks:
             h.remove()
-        self.layer.self_attn.kv_hook = None
         self.layer.self_attn.qk_observer = None
         self.samples = {k: torch.cat(v) if v else None for k, v in self.samples.items()}
         self.q_samples = torch.cat(self.q_samples) if self.q_samples else None
@@ -294,18 +288,18 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
     dtype = model.lm_head.weight.dtype
     h = model.embed(calib).to(dtype)
     s, length = calib.shape
-    pos = torch.arange(length).expand(min(opts.batch_size, s), -1)
+    pos = torch.arange(length, device=calib.device).expand(min(opts.batch_size, s), -1)
     cos, sin = model.rope(pos, dtype)
     g = torch.Generator().manual_seed(opts.seed)
     n_sample = min(opts.search_tokens, s * length)
-    sample_idx = torch.randperm(s * length, generator=g)[:n_sample]
+    sample_idx = torch.randperm(s * length, generator=g)[:n_sample].to(calib.device)
     kv_hook = kv_fake_quant(opts.kv_bits) if opts.kv_bits < 16 else None
     tensors: dict = {}
     log = opts.log.setdefault("layers", [])
     for i, layer in enumerate(tqdm(model.layers, desc="QoQ layers", unit="layer")):
         prefix = f"model.layers.{i}"
         entry = {"layer": i}
-        obs = _Observer(layer, opts, sample_idx, length)
+        obs = _Observer(layer, sample_idx)
         _run_layer(layer, h, cos, sin, opts.batch_size, obs)
         obs.close()
         hess = {k: v.h for k, v in obs.hess.items()}
