@@ -82,6 +82,8 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--dtype", default="auto", help="vLLM dtype (float32 on a CPU, float16 on a GPU, ...)")
+    ap.add_argument("--eval-args", default="", help="extra `eval ppl` options, e.g. \"--gpu-memory-utilization 0.2\"")
+    ap.add_argument("--quantize-args", default="", help="extra `quantize` options, e.g. \"--device cuda\"")
     ap.add_argument("--sim", action="store_true", help="also evaluate the PyTorch simulation of each row")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "demo-models", "accuracy"))
     ap.add_argument("--json", default=None, help="default benchmarks/results/accuracy_<model>_g<group>.json")
@@ -113,7 +115,7 @@ def main() -> int:
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
             run(py + ["quantize", "--model", model, "--output", ckpt, "--group-size", str(args.group_size),
                       "--calib", args.calib, "--calib-samples", str(args.calib_samples),
-                      "--calib-seq-len", str(args.calib_seq_len), *qargs], os.path.join(work, f"{name}.quantize.log"))
+                      "--calib-seq-len", str(args.calib_seq_len), *qargs, *args.quantize_args.split()], os.path.join(work, f"{name}.quantize.log"))
         entry = results.get(row, {"label": label, "checkpoint": ckpt,
                                   "quantize_log": json.load(open(os.path.join(ckpt, "quantize_log.json")))})
         common = ["--model", ckpt, "--data", args.data, "--seq-len", str(args.seq_len), *eargs]
@@ -121,7 +123,7 @@ def main() -> int:
             common += ["--max-windows", str(args.windows)]
         if "vllm" not in entry:
             res_path = os.path.join(work, f"{row}.vllm.json")
-            run(py + ["eval", "ppl", *common, "--dtype", args.dtype, "--output", res_path],
+            run(py + ["eval", "ppl", *common, "--dtype", args.dtype, "--output", res_path, *args.eval_args.split()],
                 os.path.join(work, f"{row}.eval.log"))
             entry["vllm"] = json.load(open(res_path))
         if args.sim and "sim" not in entry:

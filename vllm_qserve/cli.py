@@ -147,6 +147,20 @@ def _cmd_convert_dc(args) -> int:
     return 0
 
 
+def _engine_kwargs(args) -> dict:
+    """vllm.LLM options of `eval ppl` that were given (several evaluations can then share one GPU)."""
+    kw = {}
+    if args.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
+    if args.kv_cache_memory_gib is not None:
+        # a fixed KV budget skips vLLM's memory profiling, which misreads other processes' allocations on a
+        # shared GPU as its own
+        kw["kv_cache_memory_bytes"] = int(args.kv_cache_memory_gib * (1 << 30))
+    return kw
+
+
 def _cmd_eval_ppl(args) -> int:
     import json
 
@@ -154,7 +168,8 @@ def _cmd_eval_ppl(args) -> int:
 
     res = evaluate_ppl(args.model, args.data, seq_len=args.seq_len, backend=args.backend,
                        max_windows=args.max_windows, quantization=args.quantization, dtype=args.dtype,
-                       kv_cache_dtype=args.kv_cache_dtype, kv_bits=args.kv_bits, device=args.device)
+                       kv_cache_dtype=args.kv_cache_dtype, kv_bits=args.kv_bits, device=args.device,
+                       **_engine_kwargs(args))
     print(json.dumps(res, indent=1))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -251,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache bits instead of the checkpoint's kv_bits (vLLM: via hf_overrides; torch: "
                         "simulated)")
     p.add_argument("--device", default="cpu", help="torch backend device")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of GPU memory (lower it to run several evaluations on one GPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile / CUDA graphs")
+    p.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                   help="a fixed KV-cache size for vLLM instead of profiling (for GPUs shared by several runs)")
     p.add_argument("--output", default=None, metavar="JSON", help="also write the result here")
     p.set_defaults(func=_cmd_eval_ppl)
 

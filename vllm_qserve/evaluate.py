@@ -164,7 +164,9 @@ def ppl_torch(model_dir: str, windows: list, kv_bits: int | None = None, dtype: 
 
 def evaluate_ppl(model_dir: str, data: str, seq_len: int = 2048, backend: str = "vllm", max_windows: int | None = None,
                  quantization: str | None = None, dtype: str = "auto", kv_cache_dtype: str | None = None,
-                 kv_bits: int | None = None, wikitext: bool | None = None, device: str = "cpu") -> dict:
+                 kv_bits: int | None = None, wikitext: bool | None = None, device: str = "cpu",
+                 **llm_kwargs) -> dict:
+    """Perplexity of a checkpoint on a text file; llm_kwargs go to vllm.LLM (e.g. gpu_memory_utilization)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -172,7 +174,7 @@ def evaluate_ppl(model_dir: str, data: str, seq_len: int = 2048, backend: str = 
     print(f"[eval] {len(windows)} windows of {seq_len} tokens from {data}", file=sys.stderr)
     if backend == "vllm":
         res = ppl_vllm(model_dir, windows, quantization=quantization, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                       kv_bits=kv_bits)
+                       kv_bits=kv_bits, **llm_kwargs)
     elif backend == "torch":
         torch_dtype = {"auto": torch.float32, "float32": torch.float32, "float16": torch.float16,
                        "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
