@@ -47,7 +47,8 @@ def _rotate_outputs(lin: Linear, rot: torch.Tensor) -> None:
 
 def rotate_residual(model: CausalLM, seed: int = 0) -> torch.Tensor:
     """Fold norm gains and rotate the residual stream in place; returns R (float64).  Unties lm_head."""
-    rot = orthogonal_rotation(model.arch.hidden_size, seed)
+    # built on the CPU (seeded, reproducible), applied where the model lives
+    rot = orthogonal_rotation(model.arch.hidden_size, seed).to(model.model.embed_tokens.weight.device)
     model.untie_lm_head()
     emb = model.model.embed_tokens.weight
     _set(emb, emb.double() @ rot)
@@ -69,7 +70,7 @@ def rotate_residual(model: CausalLM, seed: int = 0) -> torch.Tensor:
 def rotate_heads(model: CausalLM, seed: int = 0) -> torch.Tensor:
     """Per-head rotation of V (v_proj rows, bias) and of the o_proj input columns; returns the head rotation."""
     a = model.arch
-    hrot = orthogonal_rotation(a.head_dim, seed)
+    hrot = orthogonal_rotation(a.head_dim, seed).to(model.model.embed_tokens.weight.device)
     for layer in model.layers:
         attn = layer.self_attn
         wv = attn.v_proj.weight.double().view(a.num_kv_heads, a.head_dim, -1)
