@@ -275,7 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--mode latency for batch 1/16 latency")
     _bench_throughput_parser(bt)
     bt.set_defaults(func=_cmd_bench_throughput)
+    from vllm_qserve.benchmark.serving import build_parser as _bench_serving_parser
+
+    bs = bsub.add_parser("serve", help="online serving: vllm serve + streaming client at several concurrencies "
+                                       "(TTFT, TPOT, throughput)")
+    _bench_serving_parser(bs)
+    bs.set_defaults(func=_cmd_bench_serve)
     return parser
+
+
+def _cmd_bench_serve(args) -> int:
+    from vllm_qserve.benchmark.serving import run
+
+    return run(args)
 
 
 def _cmd_bench_throughput(args) -> int:
