@@ -194,3 +194,39 @@ def test_tiny_end_to_end_run_on_cpu(tmp_path):
     # a second run finds everything measured and starts no engine
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "already in" in proc.stdout
+
+
+# --- profile classification --------------------------------------------------------------------------------------
+def test_kernel_classification_and_busy_time():
+    from vllm_qserve.benchmark.kernel_classes import classify, summarize_events
+
+    cases = {
+        "void qgemm_kernel<(Mode)0, Cfg<32, 64>>(GemmParams)": "gemm-qserve",
+        "void fused_quant::fused_quant_kernel<__nv_bfloat16, 8, (fused_quant::Prologue)2>(Params, bool)":
+            "silu-mul(+quant)",
+        "void fused_quant::fused_quant_kernel<__nv_bfloat16, 8, (fused_quant::Prologue)1>(Params, bool)":
+            "norm(+quant)",
+        "void kv_decode_kernel<128, 4, 8>(DecodeParams)": "attention",
+        "void flash::FlashAttnFwdSm90<cutlass::bfloat16_t, 128>(Params)": "attention",
+        "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>": "attention",
+        "void vllm::rotary_embedding_kernel<c10::BFloat16, true>": "rotary",
+        "void per_token_quant_kernel<c10::BFloat16>(...)": "act-quant",
+        "void vllm::dynamic_per_token_scaled_fp8_quant_kernel<c10::BFloat16>": "act-quant",
+        "void cutlass::device_kernel<cutlass3x_sm90_tensorop_s64x128x32gemm_e4m3>": "gemm-vendor",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "gemm-vendor",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "norm(+quant)",
+        "triton_poi_fused_mul_silu_slice_1": "silu-mul(+quant)",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>": "sampling/logits",
+        "void at::native::vectorized_elementwise_kernel<4, AddFunctor>": "other",
+    }
+    for name, cat in cases.items():
+        assert classify(name) == cat, name
+    ev = lambda name, ts, dur, cat="kernel": {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    events = [ev("void qgemm_kernel<0>", 0, 100), ev("void kv_decode_kernel<128,4,8>", 50, 100),  # overlap 50
+              ev("Memcpy HtoD", 300, 10, "gpu_memcpy"), ev("void qgemm_kernel<0>", 400, 100),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000}]
+    s = summarize_events(events, steps=2)
+    assert s["category_ms_per_step"]["gemm-qserve"] == 0.1 and s["category_ms_per_step"]["attention"] == 0.05
+    assert s["kernel_ms_per_step"] == 0.155 and s["gpu_busy_ms_per_step"] == 0.13  # (150 + 10 + 100) / 2 us
+    assert s["top_kernels"][0] == {"name": "void qgemm_kernel<0>", "category": "gemm-qserve", "ms_per_step": 0.1,
+                                   "launches_per_step": 1.0}

@@ -281,7 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(TTFT, TPOT, throughput)")
     _bench_serving_parser(bs)
     bs.set_defaults(func=_cmd_bench_serve)
+    from vllm_qserve.benchmark.profile_step import build_parser as _bench_profile_parser
+
+    bp = bsub.add_parser("profile", help="one decode step (batch 256) and one prefill step, kernel time by category")
+    _bench_profile_parser(bp)
+    bp.set_defaults(func=_cmd_bench_profile)
     return parser
+
+
+def _cmd_bench_profile(args) -> int:
+    from vllm_qserve.benchmark.profile_step import run
+
+    return run(args)
 
 
 def _cmd_bench_serve(args) -> int:
