@@ -4,7 +4,10 @@
 (the same as ``vllm-qserve bench profile ...``).
 """
 
+import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
 
 from vllm_qserve.benchmark.profile_step import main
 

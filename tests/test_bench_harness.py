@@ -93,7 +93,8 @@ def _dequantized(layer, weight_bits, group_size):
         return layer.weight.float() * layer.dequant_scale.float()[:, None]
     if group_size == -1:
         return unpack_w4(layer.qweight).float() * layer.s1_scales.float()[:, None] - layer.s1_szeros.float()[:, None]
-    return rebuild_w8_per_group(layer.qweight, layer.s2_scales, layer.s2_zeros).float() * layer.s1_scales.float()[:, None]
+    w8 = rebuild_w8_per_group(layer.qweight, layer.s2_scales, layer.s2_zeros).float()
+    return w8 * layer.s1_scales.float()[:, None]
 
 
 @pytest.mark.parametrize("weight_bits,group_size", [(4, -1), (4, 128), (8, -1)])

@@ -12,8 +12,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "benchmarks", "models")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODELS_DIR = os.path.join(REPO_ROOT, "benchmarks", "models")
 MODEL_NAMES = ("llama-3-8b", "llama-2-7b", "mistral-7b")
 
 
@@ -97,3 +97,15 @@ def write_model_folder(base_folder: str, config: BenchConfig, out_dir: str) -> s
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     return out_dir
+
+
+def child_env(config: BenchConfig) -> dict:
+    """Environment of a benchmark's engine or server process: the configuration's variables, this checkout's
+    vllm_qserve first on PYTHONPATH (also for the engine processes vLLM spawns), and the settings the project's
+    machines need (no FlashInfer sampler; on CPU a 1 GiB KV cache)."""
+    env = dict(os.environ)
+    env.update(config.env)
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env

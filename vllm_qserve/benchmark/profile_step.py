@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from vllm_qserve.benchmark.configs import parse_configs, resolve_model, write_model_folder
+from vllm_qserve.benchmark.configs import child_env, parse_configs, resolve_model, write_model_folder
 from vllm_qserve.benchmark.kernel_classes import CATEGORIES, summarize_trace
 from vllm_qserve.benchmark.throughput import _random_prompts, gpu_name, load_results, log, save_results
 
@@ -143,8 +143,8 @@ def run_worker(job: dict) -> None:
     save_results(job["out"], data)
     for phase in ("decode", "prefill"):
         r = results[phase]
-        log(f"profile {job['config']} {phase}: step {r['step_wall_ms']:.2f} ms, GPU busy {r['gpu_busy_ms_per_step']:.2f}"
-            f" ms; " + ", ".join(f"{c} {v:.2f}" for c, v in r["category_ms_per_step"].items() if v))
+        log(f"profile {job['config']} {phase}: step {r['step_wall_ms']:.2f} ms, GPU busy "
+            f"{r['gpu_busy_ms_per_step']:.2f} ms; " + ", ".join(f"{c} {v:.2f}" for c, v in r["category_ms_per_step"].items() if v))
 
 
 def markdown_table(records: list) -> str:
@@ -188,8 +188,7 @@ def run(args) -> int:
                    "engine_kwargs": cfg.engine_kwargs, "input_len": args.input_len, "output_len": args.output_len,
                    "batch": args.batch, "steps": args.steps, "dtype": args.dtype, "enforce_eager": args.enforce_eager,
                    "out": os.path.abspath(args.out), "tmp": tmp}
-            env = dict(os.environ, **cfg.env)
-            env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+            env = child_env(cfg)
             rc = subprocess.run([sys.executable, "-m", "vllm_qserve.benchmark.profile_step", "--worker",
                                  json.dumps(job)], env=env).returncode
             if rc:

@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.request
 
-from vllm_qserve.benchmark.configs import CONFIGS, parse_configs, resolve_model, write_model_folder
+from vllm_qserve.benchmark.configs import CONFIGS, child_env, parse_configs, resolve_model, write_model_folder
 from vllm_qserve.benchmark.throughput import gpu_name, load_results, log, save_results
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "e2e_serving.json")
@@ -65,9 +65,7 @@ class Server:
             *extra, *shlex.split(args.serve_args or "")]
         if args.enforce_eager:
             self.cmd.append("--enforce-eager")
-        env = dict(os.environ, **cfg.env)
-        env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env = child_env(cfg)
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,

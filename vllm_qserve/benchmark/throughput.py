@@ -31,8 +31,8 @@ import sys
 import tempfile
 import time
 
-from vllm_qserve.benchmark.configs import (CONFIGS, DEFAULT_CONFIGS, BenchConfig, parse_configs, resolve_model,
-                                           write_model_folder)
+from vllm_qserve.benchmark.configs import (CONFIGS, DEFAULT_CONFIGS, BenchConfig, child_env, parse_configs,
+                                           resolve_model, write_model_folder)
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "e2e_throughput.json")
 DEFAULT_START_ESTIMATE_S = 120.0  # engine start of an 8B model in compiled mode (H100: ~60-100 s) + warm-up
@@ -141,8 +141,11 @@ def run_worker(job: dict) -> None:
                            f"give NaN/inf logits")
     common = {"model": job["model"], "config": job["config"], "input_len": in_len, "output_len": out_len,
               "description": job["description"], "engine_start_s": round(start_s, 1),
-              "warmup_s": round(warmup_s, 1), "warmup_logprobs_finite": True, "kv_cache_tokens": kv_tokens, "kv_cache_dtype": str(cache.cache_dtype),
-              "max_num_seqs": job["max_num_seqs"], "dtype": job["dtype"], "engine_kwargs": job["engine_kwargs"],
+              "warmup_s": round(warmup_s, 1), "warmup_logprobs_finite": True, "kv_cache_tokens": kv_tokens,
+              "kv_cache_dtype": str(cache.cache_dtype), "max_num_seqs": job["max_num_seqs"],
+              "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
+              "enforce_eager": bool(job.get("enforce_eager")), "dtype": job["dtype"],
+              "engine_kwargs": job["engine_kwargs"],
               "vllm_version": vllm.__version__, "torch_version": torch.__version__, "gpu": job["gpu"]}
     per_token_s = None  # the slowest measured seconds per (request x output token): a conservative time estimate
     for mode, batch in todo:
@@ -215,10 +218,7 @@ def run_config(args, cfg: BenchConfig, todo: list, model_dir: str, gpu: str, dea
            "warmup_requests": args.warmup_requests, "latency_iters": args.latency_iters,
            "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
            "out": os.path.abspath(args.out), "deadline": deadline, "gpu": gpu}
-    env = dict(os.environ)
-    env.update(cfg.env)
-    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env = child_env(cfg)
     cmd = [sys.executable, "-m", "vllm_qserve.benchmark.throughput", "--worker", json.dumps(job)]
     timeout = None if deadline is None else max(1.0, deadline - time.time() + 30)
     # Own process group: at the deadline the worker *and* vLLM's engine-core process go, freeing the GPU.
@@ -379,7 +379,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--configs", default="all",
                    help=f"comma-separated: {', '.join(CONFIGS)}; 'all' = {', '.join(DEFAULT_CONFIGS)}")
     p.add_argument("--mode", default="throughput", help="throughput, latency or throughput,latency (one engine)")
-    p.add_argument("--batches", type=_ints, default=[64, 128, 256, 512], help="throughput sweep (default 64,128,256,512)")
+    p.add_argument("--batches", type=_ints, default=[64, 128, 256, 512],
+                   help="throughput sweep (default 64,128,256,512)")
     p.add_argument("--latency-batches", type=_ints, default=[1, 16], help="latency mode batches (default 1,16)")
     p.add_argument("--latency-iters", type=int, default=3, help="latency mode repetitions (median reported)")
     p.add_argument("--input-len", type=int, default=1024)
