@@ -231,3 +231,37 @@ def test_kernel_classification_and_busy_time():
     assert s["kernel_ms_per_step"] == 0.155 and s["gpu_busy_ms_per_step"] == 0.13  # (150 + 10 + 100) / 2 us
     assert s["top_kernels"][0] == {"name": "void qgemm_kernel<0>", "category": "gemm-qserve", "ms_per_step": 0.1,
                                    "launches_per_step": 1.0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("weight_bits,group_size", [(4, -1), (4, 128), (8, -1)])
+def test_dummy_weights_on_the_gpu_through_the_cuda_kernels(weight_bits, group_size):
+    """Filled on the device (as in an engine) and consumed by our CUDA GEMMs: equal to the reference bit for bit,
+    finite, and a unit-variance input comes out with std ~TARGET_WEIGHT_STD (neither blowing up nor vanishing)."""
+    from vllm_qserve import ops
+    from vllm_qserve.dummy_weights import TARGET_WEIGHT_STD, fill_dummy_qserve_weights
+    from vllm_qserve.reference import gemm as ref_gemm
+
+    if not ops.HAS_CUDA_OPS:
+        pytest.skip("vllm_qserve._C is not built")
+    n, k = 6144, 4096
+    layer = _garbage_layer(n, k, weight_bits, group_size).cuda()
+    fill_dummy_qserve_weights(layer, weight_bits, group_size, k, "model.layers.0.self_attn.qkv_proj")
+    x = torch.randn(256, k, device="cuda", dtype=torch.bfloat16)
+    per_channel = weight_bits == 4 and group_size == -1
+    xq, sx, xsum = torch.ops.qserve.quantize_per_token(x, per_channel)
+    if weight_bits == 8:
+        y = torch.ops.qserve.w8a8_gemm(xq, sx, layer.weight, layer.dequant_scale, None, x.dtype)
+        ref = ref_gemm.w8a8(xq, sx, layer.weight, layer.dequant_scale, x.dtype)
+    elif per_channel:
+        y = torch.ops.qserve.w4a8_gemm_per_channel(xq, sx, xsum, layer.qweight, layer.s1_scales, layer.s1_szeros,
+                                                   None, x.dtype)
+        ref = ref_gemm.w4a8_per_channel(xq, sx, xsum, layer.qweight, layer.s1_scales, layer.s1_szeros, x.dtype)
+    else:
+        y = torch.ops.qserve.w4a8_gemm_per_group(xq, sx, layer.qweight, layer.s1_scales, layer.s2_scales,
+                                                 layer.s2_zeros, None, x.dtype)
+        ref = ref_gemm.w4a8_per_group(xq, sx, layer.qweight, layer.s1_scales, layer.s2_scales, layer.s2_zeros,
+                                      x.dtype)
+    assert bool(torch.isfinite(y).all())
+    assert torch.equal(y, ref)
+    assert 0.5 * TARGET_WEIGHT_STD < float(y.float().std()) < 2 * TARGET_WEIGHT_STD

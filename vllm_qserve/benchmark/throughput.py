@@ -147,11 +147,13 @@ def run_worker(job: dict) -> None:
               "enforce_eager": bool(job.get("enforce_eager")), "dtype": job["dtype"],
               "engine_kwargs": job["engine_kwargs"],
               "vllm_version": vllm.__version__, "torch_version": torch.__version__, "gpu": job["gpu"]}
-    per_token_s = None  # the slowest measured seconds per (request x output token): a conservative time estimate
+    measured: list[tuple[int, float]] = []  # (batch, seconds of one generate) so far, for the deadline estimate
     for mode, batch in todo:
         iters = job["latency_iters"] if mode == "latency" else 1
-        if deadline is not None and per_token_s is not None:
-            estimate = per_token_s * batch * out_len * iters * 1.2
+        if deadline is not None and measured:
+            # A batch takes at most as long as a larger one, and at most proportionally longer than a smaller one.
+            one = min(w if b >= batch else w * batch / b for b, w in measured)
+            estimate = one * iters * 1.2
             if time.time() + estimate > deadline:
                 log(f"{job['config']} {mode} B={batch}: skipped, ~{estimate:.0f}s would pass the deadline "
                     f"(rerun to resume)")
@@ -164,7 +166,7 @@ def run_worker(job: dict) -> None:
             walls.append(wall)
         pre1 = _counter(llm, "vllm:num_preemptions")
         wall = sorted(walls)[len(walls) // 2]  # median
-        per_token_s = max(per_token_s or 0.0, max(walls) / (batch * out_len))
+        measured.append((batch, max(walls)))
         rec = dict(common, mode=mode, batch=batch, wall_s=round(wall, 3), walls_s=[round(w, 3) for w in walls],
                    output_tok_s=round(batch * out_len / wall, 1),
                    total_tok_s=round(batch * (in_len + out_len) / wall, 1),
@@ -188,6 +190,14 @@ def gpu_name() -> str:
                              text=True, timeout=30)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # No nvidia-smi: ask torch in a throw-away process (a CUDA context here would hold GPU memory all run long).
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0) "
+                              "if torch.cuda.is_available() else '')"], capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[-1]
     except (OSError, subprocess.SubprocessError):
         pass
     import platform
