@@ -143,6 +143,9 @@ def run_worker(job: dict) -> None:
     save_results(job["out"], data)
     for phase in ("decode", "prefill"):
         r = results[phase]
+        if torch.cuda.is_available() and not r["kernel_ms_per_step"]:
+            log(f"profile {job['config']} {phase}: WARNING: the trace holds no CUDA kernels (CUPTI unavailable?); "
+                f"rerun with --enforce-eager to see the kernels without CUDA graphs")
         log(f"profile {job['config']} {phase}: step {r['step_wall_ms']:.2f} ms, GPU busy "
             f"{r['gpu_busy_ms_per_step']:.2f} ms; " + ", ".join(f"{c} {v:.2f}" for c, v in r["category_ms_per_step"].items() if v))
 
