@@ -61,11 +61,11 @@ def fill_dummy_qserve_weights(layer: torch.nn.Module, weight_bits: int, group_si
     gen = _generator(any_param.device, name or f"{type(layer).__name__}.{k}")
     if weight_bits == 8:
         w = layer.weight.data
-        w.copy_(_randint(-127, 127, w, gen).to(torch.int8))
+        w.copy_(_randint(-127, 127, w, gen, torch.int8))  # drawn as int8: no wider temporary on the device
         _fill_scale(layer.dequant_scale.data, 254 / math.sqrt(12), k, gen)
         return
     qweight = layer.qweight.data
-    qweight.copy_(_randint(-128, 127, qweight, gen).to(torch.int8))  # any byte = two valid 4-bit codes
+    qweight.copy_(_randint(-128, 127, qweight, gen, torch.int8))  # any byte = two valid 4-bit codes
     if group_size == -1:
         s1 = layer.s1_scales.data
         _fill_scale(s1, _CODE_STD, k, gen)
