@@ -286,7 +286,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-model-len", type=int, default=2048)
     g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="end-to-end benchmarks through vLLM on random weights (docs/benchmarks.md)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    from vllm_qserve.benchmark.throughput import build_parser as _bench_throughput_parser
+
+    bt = bsub.add_parser("throughput", help="QServe's 1024/512 protocol: ours vs vLLM BF16/FP8/int4-KV/W4A16; "
+                                            "--mode latency for batch 1/16 latency")
+    _bench_throughput_parser(bt)
+    bt.set_defaults(func=_cmd_bench_throughput)
+    from vllm_qserve.benchmark.serving import build_parser as _bench_serving_parser
+
+    bs = bsub.add_parser("serve", help="online serving: vllm serve + streaming client at several concurrencies "
+                                       "(TTFT, TPOT, throughput)")
+    _bench_serving_parser(bs)
+    bs.set_defaults(func=_cmd_bench_serve)
+    from vllm_qserve.benchmark.profile_step import build_parser as _bench_profile_parser
+
+    bp = bsub.add_parser("profile", help="one decode step (batch 256) and one prefill step, kernel time by category")
+    _bench_profile_parser(bp)
+    bp.set_defaults(func=_cmd_bench_profile)
     return parser
+
+
+def _cmd_bench_profile(args) -> int:
+    from vllm_qserve.benchmark.profile_step import run
+
+    return run(args)
+
+
+def _cmd_bench_serve(args) -> int:
+    from vllm_qserve.benchmark.serving import run
+
+    return run(args)
+
+
+def _cmd_bench_throughput(args) -> int:
+    from vllm_qserve.benchmark.throughput import run_args
+
+    return run_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

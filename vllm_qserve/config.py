@@ -92,19 +92,18 @@ class QServeConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
         """Reconcile the declared settings with the tensors, before any parameter is created."""
-        from vllm.config import get_current_vllm_config
-
-        try:
-            load_format = str(get_current_vllm_config().load_config.load_format)
-        except Exception:  # no config context (unit tests)
-            load_format = "auto"
-        if load_format == "dummy":
+        if load_format_is_dummy():
             self.dummy_weights = True
+        model_dir = model_name if os.path.isdir(model_name) else _try_local_snapshot(model_name, revision)
+        if self.dummy_weights or (model_dir is not None and not _has_weight_files(model_dir)):
+            # Nothing to inspect: a config-only folder for load_format=dummy (vLLM calls this method before it
+            # sets the config context, so "dummy" is only known for sure in create_weights).  Without dummy
+            # loading, vLLM itself reports the missing weight files.
             self.weight_bits = self.weight_bits or 4
             if self.group_size is None:
-                raise ValueError("qserve with load_format=dummy needs group_size in the quantization_config")
+                raise ValueError(f"qserve: {model_name} has no weight files to read the group size from; with "
+                                 f"load_format=dummy put group_size (-1 or 128) into its quantization_config")
             return
-        model_dir = model_name if os.path.isdir(model_name) else _try_local_snapshot(model_name, revision)
         if model_dir is None:
             if self.group_size is None or self.weight_bits is None:
                 raise CheckpointError(f"qserve: cannot inspect {model_name!r} (not a local folder, not in the HF "
@@ -121,6 +120,18 @@ class QServeConfig(QuantizationConfig):
         logger.info("qserve: %s checkpoint, W%dA8 %s, KV %s", model_dir, self.weight_bits,
                     "per-channel" if self.group_size == -1 else f"group {self.group_size}",
                     "model dtype" if self.kv_bits == 16 else f"{self.kv_bits}-bit")
+
+
+def load_format_is_dummy() -> bool:
+    """True while vLLM builds a model for load_format=dummy (random weights, benchmarks)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    return vllm_config is not None and str(vllm_config.load_config.load_format) == "dummy"
+
+
+def _has_weight_files(model_dir: str) -> bool:
+    return any(name.endswith((".safetensors", ".bin", ".pt")) for name in os.listdir(model_dir))
 
 
 def _try_local_snapshot(model_name: str, revision: str | None):

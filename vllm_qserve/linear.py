@@ -10,6 +10,8 @@ import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 
 from vllm_qserve.checkpoint import CheckpointError, check_projection_dims
+from vllm_qserve.config import load_format_is_dummy
+from vllm_qserve.dummy_weights import fill_dummy_qserve_weights
 from vllm_qserve.kernels import LinearSpec, choose_kernel
 from vllm_qserve.parameters import (
     QServeChannelScale,
@@ -28,6 +30,7 @@ class QServeLinearMethod(LinearMethodBase):
         self.config = quant_config
         self.prefix = prefix
         self.kernel = None
+        self.dummy_weights = False
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
@@ -43,11 +46,13 @@ class QServeLinearMethod(LinearMethodBase):
                                       f"32 (QServe packs 32-row tiles); use a smaller tensor-parallel size")
         check_projection_dims(self.prefix, n, k, cfg.weight_bits, cfg.group_size)
         loader = extra_weight_attrs["weight_loader"]
+        # load_format=dummy: vLLM fills nothing valid (see dummy_weights.py); we fill after its loader ran.
+        self.dummy_weights = cfg.dummy_weights or load_format_is_dummy()
 
         def add(name, param_cls, data, allowed, **dims):
             param = param_cls(data=data, weight_loader=loader, **dims)
             param._setup_checks(f"{self.prefix}.{name}", allowed)
-            if cfg.dummy_weights:
+            if self.dummy_weights:
                 param._filled[:] = True
             layer.register_parameter(name, param)
 
@@ -68,6 +73,9 @@ class QServeLinearMethod(LinearMethodBase):
         layer.qserve_spec = LinearSpec(cfg.weight_bits, cfg.group_size, n, k, params_dtype, "?")
 
     def process_weights_after_loading(self, layer):
+        if self.dummy_weights:
+            s = layer.qserve_spec
+            fill_dummy_qserve_weights(layer, s.weight_bits, s.group_size, s.in_features, self.prefix)
         for p in list(layer.parameters(recurse=False)):
             if hasattr(p, "check_fully_loaded"):
                 p.check_fully_loaded()
