@@ -25,7 +25,8 @@ from vllm_qserve.packing import pack_w4, permute_s2
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DEFAULT_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
-COLS = ["mma_pc", "wgmma_pc", "mma_g128", "wgmma_g128", "bf16_mm", "fp8_scaled_mm", "int_mm"]
+COLS = ["mma_pc", "wgmma_pc", "wgmma_pc_v1", "mma_g128", "wgmma_g128", "wgmma_g128_v1", "bf16_mm", "fp8_scaled_mm",
+        "int_mm"]
 
 
 def bench(fn) -> float:
@@ -58,7 +59,7 @@ def main():
         wf8 = wbf.to(torch.float8_e4m3fn)
         sb = torch.rand(1, n, device=dev) + 0.5
         lines.append(f"\n== {sname}: N={n} K={k}   us (median, cold L2); [TOP/s]")
-        lines.append(f"{'M':>6} " + " ".join(f"{c:>15}" for c in COLS))
+        lines.append(f"{'M':>6} " + " ".join(f"{c:>16}" for c in COLS))
         for m in tqdm(ms, desc=sname):
             xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
             sx = torch.rand(m, device=dev) * 0.01
@@ -75,26 +76,39 @@ def main():
                 "wgmma_pc": lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
                 "mma_g128": lambda: qt.w4a8_gemm_per_group(xq, sx, qweight, s1, s2, z2, None, bf),
                 "wgmma_g128": lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
+                # v1 (cp.async, no warp specialization) for M > 512; identical to the default below that.
+                "wgmma_pc_v1": lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
+                "wgmma_g128_v1": lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
                 "bf16_mm": lambda: torch.mm(xbf, wbf.t()),
                 "fp8_scaled_mm": lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=sa, scale_b=sb, out_dtype=bf),
                 "int_mm": lambda: torch._int_mm(xi, w8.t()),
             }
             row = {"shape": sname, "N": n, "K": k, "M": m}
             for c in COLS:
+                if c.endswith("_v1"):
+                    if m <= 512:
+                        row[c] = None
+                        continue
+                    os.environ["QSERVE_WGMMA_IMPL"] = "v1"  # read by the launcher at every call
+                else:
+                    os.environ.pop("QSERVE_WGMMA_IMPL", None)
                 try:
                     row[c] = bench(fns[c])
                 except Exception as e:  # noqa: BLE001  (an unsupported column must not stop the table)
                     row[c] = None
                     row[c + "_error"] = str(e).splitlines()[0][:200]
+            os.environ.pop("QSERVE_WGMMA_IMPL", None)
             results.append(row)
             cells = []
             for c in COLS:
                 t = row[c]
                 if t is None:
-                    cells.append(f"{'n/a':>15}")
+                    cells.append(f"{'n/a':>16}")
                     continue
                 pad = "*" if (c == "fp8_scaled_mm" and mp16 != m) or (c == "int_mm" and mi != m) else " "
                 cells.append(f"{t:8.1f}{pad}[{2 * m * n * k / t / 1e6:5.0f}]")
+            if row.get("mma_pc") and row.get("wgmma_pc") and row.get("fp8_scaled_mm"):
+                cells.append(f"  wgmma/fp8 {row['fp8_scaled_mm'] / row['wgmma_pc']:.2f}x")
             lines.append(f"{m:>6} " + " ".join(cells))
     print("\n".join(lines), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -25,6 +25,14 @@ pytestmark = [
 ]
 
 DEV = "cuda"
+
+
+@pytest.fixture(autouse=True, params=["ws", "v1"])
+def wgmma_impl(request, monkeypatch):
+    """Every test runs on both large-M kernels: v2 (warp-specialized, TMA; the default) and v1 (cp.async).  The
+    launcher reads QSERVE_WGMMA_IMPL at every call; M <= 512 uses the v1 structure in both runs."""
+    monkeypatch.setenv("QSERVE_WGMMA_IMPL", request.param)
+    return request.param
 MODES = ["per_channel", "per_group"]
 ALL_M = [1, 7, 64, 129, 1000, 4096]
 # Llama-3-8B projections (qkv, o, gate_up, down) and N that are multiples of 32 but not of the 128/256-channel

@@ -73,7 +73,9 @@ struct Smem {
   static constexpr int kPipe = Cfg::kStages * kStage;
   static constexpr int kOutRow = Cfg::kChannels * 2 + 16;          // bytes per staged output row (padded)
   static constexpr int kOut = Cfg::kBN * kOutRow;
-  static constexpr int kTotal = (kPipe > kOut ? kPipe : kOut) + 1024;  // + slack to align the base to 1024
+  static constexpr int kPipeAndOut = kPipe > kOut ? kPipe : kOut;
+  // + mbarriers (v2: full/empty per stage) + slack to align the base to 1024
+  static constexpr int kTotal = kPipeAndOut + 16 * Cfg::kStages + 1024;
 };
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred) {
@@ -215,6 +217,69 @@ __device__ __forceinline__ void mma(int (&acc)[Cfg::kAccPerBlock], const uint32_
   }
 }
 
+// Epilogue, part 1: the reference's fp32 operations on this warpgroup's accumulators, written as OutT into the
+// [kBN tokens][kChannels] staging tile in shared memory (rows padded by 16 bytes: no bank conflicts).
+// Accumulator i of block b (PTX ISA wgmma D fragment, = CUTLASS CLayout_64xN):
+//   row (channel side) 16*warp + g + 8*((i>>1)&1),  column (token) 8*(i>>2) + 2t + (i&1).
+template <Mode MODE, class Cfg, typename OutT>
+__device__ __forceinline__ void epilogue_to_smem(const GemmParams& p, const int (&acc)[2][Cfg::kAccPerBlock],
+                                                 uint8_t* tile, int m0, int n0, int wg, int warp, int lane) {
+  using L = Smem<MODE, Cfg>;
+  const int g = lane >> 2, t = lane & 3;
+  float col_s[2][2], col_z[2][2], col_b[2][2];
+  int ch_local[2][2];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int cl = (wg * 4 + warp) * 32 + 16 * b + g + 8 * h;  // the row <-> channel permutation (header)
+      ch_local[b][h] = cl;
+      const int col = n0 + cl;
+      const bool v = col < p.N;
+      col_s[b][h] = v ? __half2float(static_cast<const half*>(p.col_scale)[col]) : 0.f;
+      col_z[b][h] = (MODE == Mode::kPerChannel && v) ? __half2float(static_cast<const half*>(p.szeros)[col]) : 0.f;
+      col_b[b][h] = (p.bias_kind && v) ? load_bias(p.bias, p.bias_kind, col) : 0.f;
+    }
+#pragma unroll
+  for (int j = 0; j < Cfg::kBN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = 8 * j + 2 * t + e;
+      const int gm = m0 + tok;
+      const float sx = gm < p.M ? p.sx[gm] : 0.f;
+      const float xs = (MODE == Mode::kPerChannel && gm < p.M) ? p.xsum[gm] : 0.f;
+      OutT* row = reinterpret_cast<OutT*>(tile + tok * L::kOutRow);
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float o = __fmul_rn(__fmul_rn(__int2float_rn(acc[b][4 * j + 2 * h + e]), sx), col_s[b][h]);
+          if constexpr (MODE == Mode::kPerChannel) o = __fsub_rn(o, __fmul_rn(xs, col_z[b][h]));
+          if (p.bias_kind) o = __fadd_rn(o, col_b[b][h]);
+          row[ch_local[b][h]] = from_float<OutT>(o);
+        }
+    }
+}
+
+// Epilogue, part 2: coalesced 16-byte stores of the staged [kBN x kChannels] tile by `nthreads` threads
+// (N % 32 == 0: an 8-channel chunk is either entirely inside N or entirely outside).
+template <class Cfg, typename OutT>
+__device__ __forceinline__ void store_tile(const GemmParams& p, const uint8_t* tile, int m0, int n0, int tid,
+                                           int nthreads) {
+  constexpr int kOutRow = Cfg::kChannels * 2 + 16;
+  constexpr int kRowChunks = Cfg::kChannels * 2 / 16;
+  OutT* out = static_cast<OutT*>(p.out);
+#pragma unroll 4
+  for (int i = tid; i < Cfg::kBN * kRowChunks; i += nthreads) {
+    const int tok = i / kRowChunks, c = i % kRowChunks;
+    const int gm = m0 + tok, gn = n0 + c * 8;
+    if (gm < p.M && gn < p.N) {
+      const uint4 v = *reinterpret_cast<const uint4*>(tile + tok * kOutRow + c * 16);
+      *reinterpret_cast<uint4*>(out + (int64_t)gm * p.N + gn) = v;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 template <Mode MODE, class Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const GemmParams p) {
@@ -274,56 +339,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const Gemm
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the pipeline buffers: reuse them for the output tile
 
-  // Epilogue.  Accumulator i of block b (PTX ISA wgmma D fragment, = CUTLASS CLayout_64xN):
-  //   row (channel side) 16*warp + g + 8*((i>>1)&1),  column (token) 8*(i>>2) + 2t + (i&1).
-  const int g = lane >> 2, t = lane & 3;
-  float col_s[2][2], col_z[2][2], col_b[2][2];
-  int ch_local[2][2];
-#pragma unroll
-  for (int b = 0; b < 2; ++b)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int cl = (wg * 4 + warp) * 32 + 16 * b + g + 8 * h;  // the row <-> channel permutation (header)
-      ch_local[b][h] = cl;
-      const int col = n0 + cl;
-      const bool v = col < p.N;
-      col_s[b][h] = v ? __half2float(static_cast<const half*>(p.col_scale)[col]) : 0.f;
-      col_z[b][h] = (MODE == Mode::kPerChannel && v) ? __half2float(static_cast<const half*>(p.szeros)[col]) : 0.f;
-      col_b[b][h] = (p.bias_kind && v) ? load_bias(p.bias, p.bias_kind, col) : 0.f;
-    }
-#pragma unroll
-  for (int j = 0; j < Cfg::kBN / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int tok = 8 * j + 2 * t + e;
-      const int gm = m0 + tok;
-      const float sx = gm < p.M ? p.sx[gm] : 0.f;
-      const float xs = (MODE == Mode::kPerChannel && gm < p.M) ? p.xsum[gm] : 0.f;
-      OutT* row = reinterpret_cast<OutT*>(base_ptr + tok * L::kOutRow);
-#pragma unroll
-      for (int b = 0; b < 2; ++b)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float o = __fmul_rn(__fmul_rn(__int2float_rn(acc[b][4 * j + 2 * h + e]), sx), col_s[b][h]);
-          if constexpr (MODE == Mode::kPerChannel) o = __fsub_rn(o, __fmul_rn(xs, col_z[b][h]));
-          if (p.bias_kind) o = __fadd_rn(o, col_b[b][h]);
-          row[ch_local[b][h]] = from_float<OutT>(o);
-        }
-    }
+  epilogue_to_smem<MODE, Cfg, OutT>(p, acc, base_ptr, m0, n0, wg, warp, lane);
   __syncthreads();
-  // Coalesced 16-byte stores of the [kBN tokens x kChannels] tile (N % 32 == 0: an 8-channel chunk is either
-  // entirely inside N or entirely outside).
-  constexpr int kRowChunks = Cfg::kChannels * 2 / 16;
-  OutT* out = static_cast<OutT*>(p.out);
-#pragma unroll 4
-  for (int i = tid; i < Cfg::kBN * kRowChunks; i += Cfg::kThreads) {
-    const int tok = i / kRowChunks, c = i % kRowChunks;
-    const int gm = m0 + tok, gn = n0 + c * 8;
-    if (gm < p.M && gn < p.N) {
-      const uint4 v = *reinterpret_cast<const uint4*>(base_ptr + tok * L::kOutRow + c * 16);
-      *reinterpret_cast<uint4*>(out + (int64_t)gm * p.N + gn) = v;
-    }
-  }
+  store_tile<Cfg, OutT>(p, base_ptr, m0, n0, tid, Cfg::kThreads);
 #endif
 }
 
