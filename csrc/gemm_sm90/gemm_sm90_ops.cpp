@@ -8,6 +8,8 @@
 // M < wgmma_min_m runs the mma.sync op (torch.ops.qserve.w4a8_gemm_per_*, from vllm_qserve._C) through the
 // dispatcher: both kernels read the checkpoint's packed weights as they are, so one weight copy serves both.
 // The choice is a function of the input's shape only (no host sync), so it is fixed per captured CUDA graph.
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -171,4 +173,10 @@ TORCH_LIBRARY_FRAGMENT(qserve, m) {
 TORCH_LIBRARY_IMPL(qserve, CUDA, m) {
   m.impl("w4a8_gemm_per_channel_sm90", &qserve::w4a8_gemm_per_channel_sm90);
   m.impl("w4a8_gemm_per_group_sm90", &qserve::w4a8_gemm_per_group_sm90);
+}
+
+// `import vllm_qserve._C_sm90` loads the library (running the registrations above); the module itself is empty.
+extern "C" PyObject* PyInit__C_sm90(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_sm90", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
 }
