@@ -25,8 +25,8 @@
 //
 // Pipeline (v1, no warp specialization): all threads copy each stage with 16-byte cp.async (activations into the
 // 128-byte-swizzled K-major layout wgmma's descriptor expects, weights as their 512-byte tiles), kStages deep
-// with a prefetch distance of kStages-2: the slot being refilled was last read by the wgmmas of two stages ago,
-// which wgmma.wait_group 1 at the end of the previous iteration has retired.  Each stage = 128 bytes of K =
+// with a prefetch distance of kStages-1: the slot being refilled was last read by the previous stage's wgmmas,
+// which every warpgroup has waited for (see consume_stage) before the barrier.  Each stage = 128 bytes of K =
 // one 128-byte swizzle row = one quantization group = 4 k32 steps x 2 m64 blocks of wgmma per warpgroup.
 //
 // Epilogue: the reference's fp32 operations in its order (__fmul_rn etc., no contraction), then the tile is
@@ -61,7 +61,7 @@ struct Config {
   static constexpr int kKTiles = kStageK / 32;       // packed k32 tiles per stage
   static constexpr int kAccPerBlock = kBN / 2;       // s32 accumulators per thread per m64 block
   static_assert(kBN % 64 == 0 && kBN <= 128, "the kernel instantiates wgmma n64 and n128 only");
-  static_assert(kStages >= 3, "prefetch distance kStages-2 must be >= 1");
+  static_assert(kStages >= 2, "prefetch distance kStages-1 must be >= 1");
 };
 
 template <Mode MODE, class Cfg>
@@ -217,6 +217,36 @@ __device__ __forceinline__ void mma(int (&acc)[Cfg::kAccPerBlock], const uint32_
   }
 }
 
+// One stage of a consumer warpgroup: build this stage's A fragments, issue its 8 wgmmas (2 m64 blocks x 4 k32
+// steps, B = the stage's activation tile) and wait for them.
+//
+// Why wait_group 0 here (no wgmma left in flight across stages): wgmma reads its register operands
+// asynchronously, until the wait that retires it.  Building the next stage's fragments while this stage's
+// wgmmas run either lets the compiler reuse the fragment registers under the running wgmmas (v1 had
+// wait_group 1 and reused them: wrong results on the H100, worst in per-channel mode, whose conversion is the
+// quickest), or, with the registers pinned, makes ptxas serialize every wgmma (C7513).  The overlap comes
+// instead from the other consumer warpgroup (v2) or the other CTAs on the SM (v1 small tiles), whose wgmmas
+// run while this warpgroup converts.
+template <Mode MODE, class Cfg>
+__device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, int lane, bool first,
+                                              int (&acc)[2][Cfg::kAccPerBlock]) {
+  uint32_t a[2][4][4];
+  build_a<MODE, Cfg>(stage, wg, warp, lane, a);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
+#pragma unroll
+    for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[b][ks], desc, !first || ks > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int i = 0; i < Cfg::kAccPerBlock; ++i) reg_fence(acc[b][i]);
+}
+
 // Epilogue, part 1: the reference's fp32 operations on this warpgroup's accumulators, written as OutT into the
 // [kBN tokens][kChannels] staging tile in shared memory (rows padded by 16 bytes: no bank conflicts).
 // Accumulator i of block b (PTX ISA wgmma D fragment, = CUTLASS CLayout_64xN):
@@ -303,7 +333,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const Gemm
   int acc[2][Cfg::kAccPerBlock];
 
   const int ktiles = p.K / kStageK;
-  constexpr int kAhead = Cfg::kStages - 2;  // prefetch distance
+  constexpr int kAhead = Cfg::kStages - 1;  // prefetch distance
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if (s < ktiles) load_stage<MODE, Cfg>(p, base + s * L::kStage, m0, n0, s * kStageK);
@@ -313,29 +343,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const Gemm
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_async_wait<kAhead - 1>();   // this thread's copies of stage kt have landed ...
     fence_proxy_async_smem();      // ... are visible to the async proxy (wgmma's B operand) ...
-    __syncthreads();               // ... and everyone's; all wgmmas of stage kt-2 are retired (wait_group 1 below)
-    const int next = kt + kAhead;
+    __syncthreads();               // ... and everyone's; every warpgroup is done with stage kt-1 (wait_group 0)
+    const int next = kt + kAhead;  // refill the slot of stage kt-1
     if (next < ktiles) load_stage<MODE, Cfg>(p, base + (next % Cfg::kStages) * L::kStage, m0, n0, next * kStageK);
     cp_async_commit();
-
-    const uint32_t stage = base + (kt % Cfg::kStages) * L::kStage;
-    uint32_t a[2][4][4];
-    build_a<MODE, Cfg>(stage, wg, warp, lane, a);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
-#pragma unroll
-      for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[b][ks], desc, kt > 0 || ks > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
+    consume_stage<MODE, Cfg>(base + (kt % Cfg::kStages) * L::kStage, wg, warp, lane, kt == 0, acc);
   }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int b = 0; b < 2; ++b)
-#pragma unroll
-    for (int i = 0; i < Cfg::kAccPerBlock; ++i) reg_fence(acc[b][i]);
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the pipeline buffers: reuse them for the output tile
 

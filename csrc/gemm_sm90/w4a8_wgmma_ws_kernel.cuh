@@ -7,7 +7,8 @@
 //    2 KB contiguous), plus the group's s2 scales / zeros, all completing on the stage's "full" mbarrier.
 //    It gives its registers away (setmaxnreg.dec) to the consumers.
 //  * warpgroups 1 and 2 are consumers (128 channels each): wait on "full", convert A, issue the 8 wgmmas,
-//    and after wgmma.wait_group 1 release the previous stage's slot on its "empty" mbarrier.
+//    wait for them (wgmma.wait_group 0, see consume_stage) and release the slot on its "empty" mbarrier; the
+//    other consumer's wgmmas keep the tensor cores busy while one converts.
 // There is no CTA-wide barrier in the main loop, so the two consumers and the copies drift freely, and the
 // copies cost no consumer instructions (v1 spent 8 cp.async per thread per stage).
 #pragma once
@@ -126,25 +127,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int kt = 0; kt < ktiles; ++kt) {
       const int slot = kt % Cfg::kStages;
       mbar_wait(full_bar + 8 * slot, (kt / Cfg::kStages) & 1);
-      const uint32_t stage = base + slot * L::kStage;
-      uint32_t a[2][4][4];
-      build_a<MODE, Cfg>(stage, cwg, warp, lane, a);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
-#pragma unroll
-        for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[b][ks], desc, kt > 0 || ks > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // stage kt-1's wgmmas are done: hand its slot back to the producer
-      if (kt > 0 && (tid & 127) == 0) mbar_arrive(empty_bar + 8 * ((kt - 1) % Cfg::kStages));
+      consume_stage<MODE, Cfg>(base + slot * L::kStage, cwg, warp, lane, kt == 0, acc);
+      // this stage's wgmmas are done: hand its slot back to the producer (one arrive per warpgroup)
+      if ((tid & 127) == 0) mbar_arrive(empty_bar + 8 * slot);
     }
-    wgmma_wait<0>();
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-#pragma unroll
-      for (int i = 0; i < Cfg::kAccPerBlock; ++i) reg_fence(acc[b][i]);
     // Both consumers are done reading every stage (all copies completed: each was waited on), so the pipeline
     // buffers can hold the output tile.  Named barrier 1 = the 256 consumer threads only.
     asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
