@@ -178,7 +178,7 @@ def test_bad_inputs_raise_clear_errors():
     expect("expected \\[N, K/2\\]", qweight=w["qweight"][:, :128].contiguous())
     expect("s1_scales must have N=256", s1_scales=w["s1_scales"][:128])
     expect("sx must have M=8", sx=sx[:4])
-    expect("xsum must be float32", xsum=xsum.half())
+    expect("xsum must be Float, got Half", xsum=xsum.half())
     expect("multiple of 32", qweight=torch.zeros(48, k // 2, dtype=torch.int8, device=DEV),
            s1_scales=w["s1_scales"][:48], s1_szeros=w["s1_szeros"][:48])
     expect("out_dtype must be float16 or bfloat16", out_dtype=torch.float32)

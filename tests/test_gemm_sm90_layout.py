@@ -73,6 +73,7 @@ def test_wgmma_kernel_declines_off_hopper(monkeypatch):
     ok, why = cuda_sm90.CudaSm90WgmmaKernel.can_implement(w8)
     assert not ok and "W8A8" in why
     monkeypatch.setenv("QSERVE_WGMMA_MIN_M", "300")
-    assert cuda_sm90.wgmma_min_m("w4a8-g128") == 300
+    assert cuda_sm90.wgmma_min_m(4096) == 300
     monkeypatch.delenv("QSERVE_WGMMA_MIN_M")
-    assert cuda_sm90.wgmma_min_m("w4a8-g128") == cuda_sm90.WGMMA_MIN_M["w4a8-g128"]
+    assert cuda_sm90.wgmma_min_m(4096) == cuda_sm90.WGMMA_MIN_M
+    assert cuda_sm90.wgmma_min_m(28672) == cuda_sm90.WGMMA_MIN_M_WIDE < cuda_sm90.WGMMA_MIN_M

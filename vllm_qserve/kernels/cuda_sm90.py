@@ -5,8 +5,8 @@ Why two kernels: decode-sized inputs (few rows) are weight-bandwidth bound, and 
 tensor-core bound, and mma.sync reaches at most ~650 TOP/s on an H100 while wgmma's int8 path is rated 1979.
 The op (torch.ops.qserve.w4a8_gemm_per_*_sm90) picks by the input's row count at run time (a function of the
 shape, so a captured CUDA graph keeps its choice, no host sync); both kernels read the checkpoint's packed
-weights as they are, so there is no re-layout and no second weight copy.  The crossover is measured with
-benchmarks/bench_gemm_sm90.py (docs/kernels/gemm_sm90.md); QSERVE_WGMMA_MIN_M overrides it.
+weights as they are, so there is no re-layout and no second weight copy.  The crossover (by layer width) is
+measured with benchmarks/bench_gemm_sm90.py (docs/kernels/gemm_sm90.md); QSERVE_WGMMA_MIN_M overrides it.
 """
 
 from __future__ import annotations
@@ -21,14 +21,24 @@ from vllm_qserve.kernels.cuda import CudaW4A8Kernel
 
 logger = init_logger(f"vllm.{__name__}")
 
-# Rows (tokens) from which the wgmma kernel runs, per mode.  Measured on an H100 SXM (docs/kernels/gemm_sm90.md).
-WGMMA_MIN_M = {"w4a8-per-channel": 128, "w4a8-g128": 128}
+# Rows (tokens) from which the wgmma kernel runs, by layer width.  Measured on an H100 SXM, both modes, Llama-3-8B
+# shapes (docs/kernels/gemm_sm90.md, benchmarks/results/bench_gemm_sm90_h100.json):
+#  * N >= 16384 (gate_up 28672): wgmma is already as fast as mma.sync at M = 1-16 and 2.2x faster at M = 64 (its
+#    128-channel CTAs give N/128 = 224 CTAs, plenty for 132 SMs): from 64 rows on.
+#  * N ~ 4096-6144 (qkv, o, down): at 128 <= M <= 256 the 128-token wgmma tiles leave most SMs idle (64 CTAs for
+#    N = 4096, M = 256) and mma.sync's 64x64 tiles win by 5-40%; from 512 rows on wgmma wins (1.2-1.4x at 512,
+#    1.7-2.2x at >= 1024).
+WIDE_N = 16384
+WGMMA_MIN_M_WIDE = 64
+WGMMA_MIN_M = 512
 _logged: set = set()
 
 
-def wgmma_min_m(mode: str) -> int:
+def wgmma_min_m(out_features: int) -> int:
     env = os.environ.get("QSERVE_WGMMA_MIN_M")
-    return int(env) if env else WGMMA_MIN_M[mode]
+    if env:
+        return int(env)
+    return WGMMA_MIN_M_WIDE if out_features >= WIDE_N else WGMMA_MIN_M
 
 
 class CudaSm90WgmmaKernel(CudaW4A8Kernel):
@@ -55,12 +65,13 @@ class CudaSm90WgmmaKernel(CudaW4A8Kernel):
 
     def __init__(self, spec: LinearSpec):
         super().__init__(spec)
-        self.min_m = wgmma_min_m(spec.mode)
-        if spec.mode not in _logged:
-            _logged.add(spec.mode)
-            logger.info("qserve: %s linears use the sm90 wgmma GEMM for >= %d tokens and the mma.sync GEMM below "
-                        "(weight-bandwidth-bound decode is faster on mma.sync's K-split tiles)", spec.mode,
-                        self.min_m)
+        self.min_m = wgmma_min_m(spec.out_features)
+        key = (spec.mode, self.min_m)
+        if key not in _logged:
+            _logged.add(key)
+            logger.info("qserve: %s linears with %s output features use the sm90 wgmma GEMM from %d tokens on and "
+                        "the mma.sync GEMM below (measured crossover; QSERVE_WGMMA_MIN_M overrides)", spec.mode,
+                        f">= {WIDE_N}" if spec.out_features >= WIDE_N else f"< {WIDE_N}", self.min_m)
 
     def apply(self, layer, x, bias):
         spec = self.spec
