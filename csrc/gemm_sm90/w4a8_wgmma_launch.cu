@@ -116,7 +116,8 @@ cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
 
 cudaError_t launch_w4a8_wgmma(const GemmParams& p, bool per_group, bool out_bf16, cudaStream_t stream) {
   if (per_group)
-    return out_bf16 ? launch_by_m<Mode::kPerGroup, nv_bfloat16>(p, stream) : launch_by_m<Mode::kPerGroup, half>(p, stream);
+    return out_bf16 ? launch_by_m<Mode::kPerGroup, nv_bfloat16>(p, stream)
+                    : launch_by_m<Mode::kPerGroup, half>(p, stream);
   return out_bf16 ? launch_by_m<Mode::kPerChannel, nv_bfloat16>(p, stream)
                   : launch_by_m<Mode::kPerChannel, half>(p, stream);
 }
