@@ -29,8 +29,8 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True, params=["ws", "v1"])
 def wgmma_impl(request, monkeypatch):
-    """Every test runs on both kernels: v2 (warp-specialized, TMA; the default where the launcher picks it: M > 512,
-    or M > 128 on wide layers) and v1 (cp.async) everywhere.  The launcher reads QSERVE_WGMMA_IMPL at every call."""
+    """Every test runs on both large-M kernels: v2 (warp-specialized, TMA; the default) and v1 (cp.async).  The
+    launcher reads QSERVE_WGMMA_IMPL at every call; M <= 512 uses the v1 structure in both runs."""
     monkeypatch.setenv("QSERVE_WGMMA_IMPL", request.param)
     return request.param
 MODES = ["per_channel", "per_group"]

@@ -25,8 +25,8 @@ using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
 using CfgLargeWs = WsConfig<128, 5>;  // v2: producer warpgroup + TMA (w4a8_wgmma_ws_kernel.cuh)
 
-// QSERVE_WGMMA_IMPL=v1 keeps every M on the v1 (cp.async, all-threads) kernel; read per launch so that a
-// benchmark or a test can compare both in one process.  Default: v2 where launch_by_m picks it.
+// QSERVE_WGMMA_IMPL=v1 keeps the large-M tiles on the v1 (cp.async, all-threads) kernel; read per launch so that
+// a benchmark can compare both in one process.  Default: v2.
 bool use_v1() {
   const char* v = std::getenv("QSERVE_WGMMA_IMPL");
   return v != nullptr && std::strcmp(v, "v1") == 0;
@@ -106,15 +106,10 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
 
 template <Mode MODE, typename OutT>
 cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
-  // v2 (256 x 128 tiles, 1 CTA/SM) once its grid fills the 132 SMs about once: from M > 512 on every Llama
-  // shape, and from M > 128 on wide layers (gate_up: 224 CTAs at M = 256).  Below, v1's 128-channel tiles at
-  // 2-3 CTAs/SM keep more SMs busy.  (Run 4: v1 mid tiles 711 TOP/s at gate_up M = 512, v2 1142 at M = 1024.)
-  const long ws_ctas = (long)((p.M + CfgLargeWs::kBN - 1) / CfgLargeWs::kBN) *
-                       ((p.N + CfgLargeWs::kChannels - 1) / CfgLargeWs::kChannels);
-  if (!use_v1() && p.M > 128 && (p.M > 512 || ws_ctas >= 128)) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
   if (p.M <= 128) return launch_cfg<MODE, CfgSmall, OutT>(p, stream);
   if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
-  return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
+  if (use_v1()) return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
+  return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
 }
 
 }  // namespace
