@@ -40,6 +40,9 @@ if build_cuda:
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.9;9.0")
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True)) + sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/gemm_sm90/ is the Hopper-only wgmma GEMM: its own extension below, compiled for sm_90a alone.
+    sm90_sources = [s for s in sources if s.startswith(os.path.join("csrc", "gemm_sm90") + os.sep)]
+    sources = [s for s in sources if s not in sm90_sources]
     # Minimal CUDA installs (nvcc without the math-library headers that torch's CUDA headers include) are
     # completed by the headers of the nvidia-* wheels torch depends on.
     import importlib.util
@@ -61,6 +64,24 @@ if build_cuda:
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },
     ))
+    # vllm_qserve._C_sm90: the wgmma kernel (csrc/gemm_sm90/), built when 9.0 is in the arch list.  An explicit
+    # -gencode replaces TORCH_CUDA_ARCH_LIST for this extension (wgmma needs the arch-specific sm_90a target).
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
+    if sm90_sources and any(a.split("+")[0] in ("9.0", "9.0a") for a in archs):
+        ext_modules.append(CUDAExtension(
+            name="vllm_qserve._C_sm90",
+            sources=sm90_sources,
+            include_dirs=include_dirs,
+            py_limited_api=True,
+            define_macros=[("Py_LIMITED_API", "0x03090000")],
+            extra_compile_args={
+                "cxx": ["-O3", "-std=c++17"],
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                         "-gencode=arch=compute_90a,code=sm_90a",
+                         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+            },
+        ))
     cmdclass["build_ext"] = BuildExtension  # ninja is used when installed
     options["bdist_wheel"] = {"py_limited_api": "cp39"}
     print(f"[vllm-qserve] building the CUDA extension vllm_qserve._C ({why}; "

@@ -36,7 +36,8 @@ def test_completions_and_chat(server):
                                           max_tokens=5, temperature=0)
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens == 5
     log = open(log_path).read()
-    assert "qserve" in log and re.search(r"run on the (torch-reference|cuda-int8-mma) kernel", log), \
+    assert "qserve" in log and re.search(r"run on the (torch-reference|cuda-int8-mma|cuda-int8-wgmma-sm90) kernel",
+                                         log), \
         "the plugin's kernel choice is not in the log"
 
 

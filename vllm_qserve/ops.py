@@ -49,3 +49,4 @@ def cuda_ops_available() -> tuple[bool, str | None]:
 
 from vllm_qserve.fusion import fused_ops as _fused_ops  # noqa: E402,F401  (fakes of the fused norm/act quant ops)
 from vllm_qserve import attention_ops  # noqa: E402,F401  (KV4/KV8 paged-cache ops: fakes, wrappers)
+from vllm_qserve import gemm_sm90_ops  # noqa: E402,F401  (Hopper wgmma W4A8 GEMM ops, when built: fakes)

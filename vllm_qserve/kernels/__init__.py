@@ -6,13 +6,15 @@ from vllm.logger import init_logger
 
 from vllm_qserve.kernels.base import LinearSpec, QServeLinearKernel
 from vllm_qserve.kernels.cuda import CudaW4A8Kernel
+from vllm_qserve.kernels.cuda_sm90 import CudaSm90WgmmaKernel
 from vllm_qserve.kernels.torch_reference import TorchReferenceKernel
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
 
 # Fastest first.  Compiled CUDA kernels are inserted ahead of the reference when the extension is built.
-# CudaW4A8Kernel declines (with its reason) when the extension is missing or the device is not sm80+ CUDA.
-KERNELS: list[type[QServeLinearKernel]] = [CudaW4A8Kernel, TorchReferenceKernel]
+# CudaW4A8Kernel declines (with its reason) when the extension is missing or the device is not sm80+ CUDA;
+# CudaSm90WgmmaKernel (W4A8 on Hopper: wgmma for large M, mma.sync below) when not sm_90 or _C_sm90 is missing.
+KERNELS: list[type[QServeLinearKernel]] = [CudaSm90WgmmaKernel, CudaW4A8Kernel, TorchReferenceKernel]
 _logged: set = set()
 
 

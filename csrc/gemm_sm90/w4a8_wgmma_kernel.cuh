@@ -1,0 +1,362 @@
+// Hopper (sm_90a) W4A8 GEMM on wgmma: both QServe modes, reading the checkpoint's packed weights as they are.
+//
+// The product is computed transposed, Y^T = W . X^T, so that the 4-bit weights are wgmma's operand A, which may
+// come from registers (converted from 4-bit to int8 on the way), and the int8 activations are operand B, which
+// must come from shared memory:
+//
+//   wgmma M  = weight channels (64 per instruction; a warpgroup owns 128 channels = two m64 blocks)
+//   wgmma N  = tokens (kBN per CTA)
+//   wgmma K  = input features (32 per instruction)
+//
+// Why QServe's packing fits register-A wgmma without a re-layout: in a packed 32x32 tile (32 channels x 32 k),
+// lane (r, t)'s 16 bytes hold, in words x/y/z/w, channels {r, r+8} (low nibbles) and {r+16, r+24} (high
+// nibbles) at k = 4t..4t+3 and 16+4t..16+4t+3.  wgmma's register A fragment for k32 s8 (PTX ISA, "Register
+// fragments", = CUTLASS's ALayout_64x32) gives warp w of the warpgroup rows 16w + {g, g+8} (g = lane/4) at the
+// same k offsets: a0 = (g, 4t..), a1 = (g+8, 4t..), a2 = (g, 16+4t..), a3 = (g+8, 16+4t..).  So one 16-byte
+// shared-memory load per lane and k32 step gives warp w the A fragments of two m64 blocks:
+//     block 0, row 16w + i  <->  channel 32w + i        (low nibbles:  x, y, z, w & 0x0F0F0F0F)
+//     block 1, row 16w + i  <->  channel 32w + 16 + i   (high nibbles: (x, y, z, w >> 4) & 0x0F0F0F0F)
+// i.e. the warpgroup's 128 channels are 4 packed tiles, warp w reads only tile w, no byte is loaded twice, and
+// the row <-> channel map is a fixed permutation undone in the epilogue.
+//
+// Group-128 mode rebuilds w8 = q*s2 + s2_zero (byte-wise mod 256) in the same registers, exactly as the mma.sync
+// kernel does; QServe's s2 permutation puts the four s2 bytes a lane needs (channels r, r+8, r+16, r+24 of its
+// tile) in one 32-bit word.
+//
+// Pipeline (v1, no warp specialization): all threads copy each stage with 16-byte cp.async (activations into the
+// 128-byte-swizzled K-major layout wgmma's descriptor expects, weights as their 512-byte tiles), kStages deep
+// with a prefetch distance of kStages-1: the slot being refilled was last read by the previous stage's wgmmas,
+// which every warpgroup has waited for (see consume_stage) before the barrier.  Each stage = 128 bytes of K =
+// one 128-byte swizzle row = one quantization group = 4 k32 steps x 2 m64 blocks of wgmma per warpgroup.
+//
+// Epilogue: the reference's fp32 operations in its order (__fmul_rn etc., no contraction), then the tile is
+// transposed through shared memory and written with 16-byte row-major stores (out is [M tokens, N channels]).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../gemm/qgemm_params.h"
+#include "wgmma_ptx.cuh"
+
+namespace qserve {
+namespace gemm_sm90 {
+
+using gemm::GemmParams;
+
+enum class Mode { kPerChannel, kPerGroup };
+
+constexpr int kStageK = 128;  // bytes (= int8 k values) of K per pipeline stage: one 128-byte swizzle row
+
+template <int WGS_, int BN_, int STAGES_>
+struct Config {
+  static constexpr int kWGs = WGS_;                  // consumer warpgroups, 128 channels each
+  static constexpr int kBN = BN_;                    // tokens per CTA (wgmma N)
+  static constexpr int kStages = STAGES_;
+  static constexpr int kThreads = 128 * kWGs;
+  static constexpr int kChannels = 128 * kWGs;       // channels per CTA
+  static constexpr int kNTiles = kChannels / 32;     // packed 32-channel tiles per CTA
+  static constexpr int kKTiles = kStageK / 32;       // packed k32 tiles per stage
+  static constexpr int kAccPerBlock = kBN / 2;       // s32 accumulators per thread per m64 block
+  static_assert(kBN % 64 == 0 && kBN <= 128, "the kernel instantiates wgmma n64 and n128 only");
+  static_assert(kStages >= 2, "prefetch distance kStages-1 must be >= 1");
+};
+
+template <Mode MODE, class Cfg>
+struct Smem {
+  static constexpr int kAct = Cfg::kBN * kStageK;                  // swizzled activation tile
+  static constexpr int kW = Cfg::kNTiles * Cfg::kKTiles * 512;     // packed weight tiles
+  static constexpr int kS2 = MODE == Mode::kPerGroup ? 2 * Cfg::kChannels : 0;  // s2 scales + zeros of the group
+  static constexpr int kStage = (kAct + kW + kS2 + 1023) / 1024 * 1024;  // 1024-aligned (swizzle atom)
+  static constexpr int kPipe = Cfg::kStages * kStage;
+  static constexpr int kOutRow = Cfg::kChannels * 2 + 16;          // bytes per staged output row (padded)
+  static constexpr int kOut = Cfg::kBN * kOutRow;
+  static constexpr int kPipeAndOut = kPipe > kOut ? kPipe : kOut;
+  // + mbarriers (v2: full/empty per stage) + slack to align the base to 1024
+  static constexpr int kTotal = kPipeAndOut + 16 * Cfg::kStages + 1024;
+};
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+// Byte-wise a + b mod 256 (see csrc/gemm/qgemm_ptx.cuh add_bytes): no carry between byte lanes.
+__device__ __forceinline__ uint32_t add_bytes(uint32_t a, uint32_t b) {
+  const uint32_t s = (a & 0x7f7f7f7fu) + (b & 0x7f7f7f7fu);
+  return s ^ ((a ^ b) & 0x80808080u);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ half from_float<half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ nv_bfloat16 from_float<nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float load_bias(const void* bias, int kind, int j) {
+  switch (kind) {
+    case 1: return __half2float(static_cast<const half*>(bias)[j]);
+    case 2: return __bfloat162float(static_cast<const nv_bfloat16*>(bias)[j]);
+    case 3: return static_cast<const float*>(bias)[j];
+    default: return 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// global -> shared for one stage (all threads; 16-byte cp.async, zero-filled out of range).
+template <Mode MODE, class Cfg>
+__device__ __forceinline__ void load_stage(const GemmParams& p, uint32_t stage, int m0, int n0, int k0) {
+  using L = Smem<MODE, Cfg>;
+  const int tid = threadIdx.x;
+  // Activations: kBN rows x 128 bytes, chunk c of row r stored at chunk c ^ (r % 8) (128-byte swizzle).
+  constexpr int kActChunks = Cfg::kBN * 8;
+#pragma unroll
+  for (int i0 = 0; i0 < kActChunks; i0 += Cfg::kThreads) {
+    const int i = i0 + tid;
+    const int row = i >> 3, c = i & 7;
+    const int gm = m0 + row;
+    const bool v = gm < p.M;
+    const int8_t* src = v ? p.a + (int64_t)gm * p.K + k0 + c * 16 : p.a;
+    cp_async_16(stage + row * 128 + ((c ^ (row & 7)) << 4), src, v);
+  }
+  // Weights: kNTiles x kKTiles packed tiles; tile (nt, kt) of the checkpoint at byte (nt*K/32 + kt)*512.
+  constexpr int kWChunks = Cfg::kNTiles * Cfg::kKTiles * 32;
+  const int ktiles = p.K / 32, ntiles = p.N / 32;
+  const uint32_t wbase = stage + L::kAct;
+#pragma unroll
+  for (int i0 = 0; i0 < kWChunks; i0 += Cfg::kThreads) {
+    const int i = i0 + tid;
+    const int tile = i >> 5, w = i & 31;
+    const int ntl = tile / Cfg::kKTiles, ktl = tile % Cfg::kKTiles;
+    const int nt = n0 / 32 + ntl, kt = k0 / 32 + ktl;
+    const bool v = nt < ntiles;
+    const int8_t* src = v ? p.b + ((int64_t)nt * ktiles + kt) * 512 + w * 16 : p.b;
+    cp_async_16(wbase + tile * 512 + w * 16, src, v);
+  }
+  if constexpr (MODE == Mode::kPerGroup) {
+    // The stage is exactly one group: kChannels s2 bytes then kChannels zero bytes (QServe's permuted order).
+    constexpr int kRowChunks = Cfg::kChannels / 16;
+    const int g = k0 / kStageK;
+    const uint32_t sbase = wbase + L::kW;
+    if (tid < 2 * kRowChunks) {
+      const int which = tid / kRowChunks, c = tid % kRowChunks;
+      const int gn = n0 + c * 16;
+      const bool v = gn < p.N;
+      const int8_t* srcb = which ? p.s2_zeros : p.s2_scales;
+      const int8_t* src = v ? srcb + (int64_t)g * p.N + gn : srcb;
+      cp_async_16(sbase + which * Cfg::kChannels + c * 16, src, v);
+    }
+  }
+}
+
+// 4-bit codes (and group-128 s2 / zeros) -> int8 A fragments of both m64 blocks for the 4 k32 steps of a stage.
+template <Mode MODE, class Cfg>
+__device__ __forceinline__ void build_a(uint32_t stage, int wg, int warp, int lane, uint32_t (&a)[2][4][4]) {
+  using L = Smem<MODE, Cfg>;
+  constexpr uint32_t kLo = 0x0F0F0F0Fu;
+  const int ntl = wg * 4 + warp;  // this warp's packed tile in the CTA
+  const uint32_t wtile = stage + L::kAct + ntl * Cfg::kKTiles * 512 + lane * 16;
+  uint32_t s_lo[2], s_hi[2], z_lo[2], z_hi[2];
+  if constexpr (MODE == Mode::kPerGroup) {
+    // Bytes 0..3 of the lane group's word: channels r, r+8, r+16, r+24 of the tile (block 0 rows g / g+8,
+    // block 1 rows g / g+8).
+    const uint32_t sbase = stage + L::kAct + L::kW + ntl * 32 + (lane >> 2) * 4;
+    const uint32_t sw = lds32(sbase), zw = lds32(sbase + Cfg::kChannels);
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      s_lo[b] = (sw >> (16 * b)) & 0xFFu;
+      s_hi[b] = (sw >> (16 * b + 8)) & 0xFFu;
+      z_lo[b] = __byte_perm(zw, 0, (2 * b) * 0x1111);      // byte 2b broadcast to all four byte lanes
+      z_hi[b] = __byte_perm(zw, 0, (2 * b + 1) * 0x1111);
+    }
+  }
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint4 v = lds128(wtile + ks * 512);
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int sh = 4 * b;
+      const uint32_t q0 = (v.x >> sh) & kLo, q1 = (v.y >> sh) & kLo, q2 = (v.z >> sh) & kLo, q3 = (v.w >> sh) & kLo;
+      if constexpr (MODE == Mode::kPerGroup) {
+        // q * s2 <= 255 per byte (QServe's contract): one 32-bit multiply scales four weights.
+        a[b][ks][0] = add_bytes(q0 * s_lo[b], z_lo[b]);
+        a[b][ks][1] = add_bytes(q1 * s_hi[b], z_hi[b]);
+        a[b][ks][2] = add_bytes(q2 * s_lo[b], z_lo[b]);
+        a[b][ks][3] = add_bytes(q3 * s_hi[b], z_hi[b]);
+      } else {
+        a[b][ks][0] = q0;
+        a[b][ks][1] = q1;
+        a[b][ks][2] = q2;
+        a[b][ks][3] = q3;
+      }
+    }
+  }
+}
+
+template <class Cfg>
+__device__ __forceinline__ void mma(int (&acc)[Cfg::kAccPerBlock], const uint32_t (&a)[4], uint64_t desc,
+                                    int accumulate) {
+  if constexpr (Cfg::kBN == 128) {
+    wgmma_m64n128k32_s8_rs(acc, a, desc, accumulate);
+  } else {
+    wgmma_m64n64k32_s8_rs(acc, a, desc, accumulate);
+  }
+}
+
+// One stage of a consumer warpgroup: build this stage's A fragments, issue its 8 wgmmas (2 m64 blocks x 4 k32
+// steps, B = the stage's activation tile) and wait for them.
+//
+// Why wait_group 0 here (no wgmma left in flight across stages): wgmma reads its register operands
+// asynchronously, until the wait that retires it.  Building the next stage's fragments while this stage's
+// wgmmas run either lets the compiler reuse the fragment registers under the running wgmmas (v1 had
+// wait_group 1 and reused them: wrong results on the H100, worst in per-channel mode, whose conversion is the
+// quickest), or, with the registers pinned, makes ptxas serialize every wgmma (C7513).  The overlap comes
+// instead from the other consumer warpgroup (v2) or the other CTAs on the SM (v1 small tiles), whose wgmmas
+// run while this warpgroup converts.
+template <Mode MODE, class Cfg>
+__device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, int lane, bool first,
+                                              int (&acc)[2][Cfg::kAccPerBlock]) {
+  uint32_t a[2][4][4];
+  build_a<MODE, Cfg>(stage, wg, warp, lane, a);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
+#pragma unroll
+    for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[b][ks], desc, !first || ks > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int i = 0; i < Cfg::kAccPerBlock; ++i) reg_fence(acc[b][i]);
+}
+
+// Epilogue, part 1: the reference's fp32 operations on this warpgroup's accumulators, written as OutT into the
+// [kBN tokens][kChannels] staging tile in shared memory (rows padded by 16 bytes: no bank conflicts).
+// Accumulator i of block b (PTX ISA wgmma D fragment, = CUTLASS CLayout_64xN):
+//   row (channel side) 16*warp + g + 8*((i>>1)&1),  column (token) 8*(i>>2) + 2t + (i&1).
+template <Mode MODE, class Cfg, typename OutT>
+__device__ __forceinline__ void epilogue_to_smem(const GemmParams& p, const int (&acc)[2][Cfg::kAccPerBlock],
+                                                 uint8_t* tile, int m0, int n0, int wg, int warp, int lane) {
+  using L = Smem<MODE, Cfg>;
+  const int g = lane >> 2, t = lane & 3;
+  float col_s[2][2], col_z[2][2], col_b[2][2];
+  int ch_local[2][2];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int cl = (wg * 4 + warp) * 32 + 16 * b + g + 8 * h;  // the row <-> channel permutation (header)
+      ch_local[b][h] = cl;
+      const int col = n0 + cl;
+      const bool v = col < p.N;
+      col_s[b][h] = v ? __half2float(static_cast<const half*>(p.col_scale)[col]) : 0.f;
+      col_z[b][h] = (MODE == Mode::kPerChannel && v) ? __half2float(static_cast<const half*>(p.szeros)[col]) : 0.f;
+      col_b[b][h] = (p.bias_kind && v) ? load_bias(p.bias, p.bias_kind, col) : 0.f;
+    }
+#pragma unroll
+  for (int j = 0; j < Cfg::kBN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = 8 * j + 2 * t + e;
+      const int gm = m0 + tok;
+      const float sx = gm < p.M ? p.sx[gm] : 0.f;
+      const float xs = (MODE == Mode::kPerChannel && gm < p.M) ? p.xsum[gm] : 0.f;
+      OutT* row = reinterpret_cast<OutT*>(tile + tok * L::kOutRow);
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float o = __fmul_rn(__fmul_rn(__int2float_rn(acc[b][4 * j + 2 * h + e]), sx), col_s[b][h]);
+          if constexpr (MODE == Mode::kPerChannel) o = __fsub_rn(o, __fmul_rn(xs, col_z[b][h]));
+          if (p.bias_kind) o = __fadd_rn(o, col_b[b][h]);
+          row[ch_local[b][h]] = from_float<OutT>(o);
+        }
+    }
+}
+
+// Epilogue, part 2: coalesced 16-byte stores of the staged [kBN x kChannels] tile by `nthreads` threads
+// (N % 32 == 0: an 8-channel chunk is either entirely inside N or entirely outside).
+template <class Cfg, typename OutT>
+__device__ __forceinline__ void store_tile(const GemmParams& p, const uint8_t* tile, int m0, int n0, int tid,
+                                           int nthreads) {
+  constexpr int kOutRow = Cfg::kChannels * 2 + 16;
+  constexpr int kRowChunks = Cfg::kChannels * 2 / 16;
+  OutT* out = static_cast<OutT*>(p.out);
+#pragma unroll 4
+  for (int i = tid; i < Cfg::kBN * kRowChunks; i += nthreads) {
+    const int tok = i / kRowChunks, c = i % kRowChunks;
+    const int gm = m0 + tok, gn = n0 + c * 8;
+    if (gm < p.M && gn < p.N) {
+      const uint4 v = *reinterpret_cast<const uint4*>(tile + tok * kOutRow + c * 16);
+      *reinterpret_cast<uint4*>(out + (int64_t)gm * p.N + gn) = v;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+template <Mode MODE, class Cfg, typename OutT>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const GemmParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // wgmma exists only in sm_90a code; the op refuses other devices before launching
+#else
+  using L = Smem<MODE, Cfg>;
+  extern __shared__ uint8_t smem_raw[];
+  // 1024-byte aligned base: the 128-byte swizzle pattern repeats every 1024 bytes and the descriptor assumes the
+  // atom starts on that boundary (base offset 0).
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* const base_ptr = smem_raw + (base - raw);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
+  const int m0 = blockIdx.x * Cfg::kBN;        // tokens: fastest, so CTAs running together share a weight tile
+  const int n0 = blockIdx.y * Cfg::kChannels;  // channels
+
+  // No zero-initialization: the first k32 step overwrites the accumulators (scale-d = false).  Writing them with
+  // ordinary instructions would make ptxas serialize the wgmma pipeline (C7515).  K >= 128 is checked by the op.
+  int acc[2][Cfg::kAccPerBlock];
+
+  const int ktiles = p.K / kStageK;
+  constexpr int kAhead = Cfg::kStages - 1;  // prefetch distance
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < ktiles) load_stage<MODE, Cfg>(p, base + s * L::kStage, m0, n0, s * kStageK);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<kAhead - 1>();   // this thread's copies of stage kt have landed ...
+    fence_proxy_async_smem();      // ... are visible to the async proxy (wgmma's B operand) ...
+    __syncthreads();               // ... and everyone's; every warpgroup is done with stage kt-1 (wait_group 0)
+    const int next = kt + kAhead;  // refill the slot of stage kt-1
+    if (next < ktiles) load_stage<MODE, Cfg>(p, base + (next % Cfg::kStages) * L::kStage, m0, n0, next * kStageK);
+    cp_async_commit();
+    consume_stage<MODE, Cfg>(base + (kt % Cfg::kStages) * L::kStage, wg, warp, lane, kt == 0, acc);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup is done with the pipeline buffers: reuse them for the output tile
+
+  epilogue_to_smem<MODE, Cfg, OutT>(p, acc, base_ptr, m0, n0, wg, warp, lane);
+  __syncthreads();
+  store_tile<Cfg, OutT>(p, base_ptr, m0, n0, tid, Cfg::kThreads);
+#endif
+}
+
+}  // namespace gemm_sm90
+}  // namespace qserve

@@ -1,0 +1,14 @@
+// Plain-C++ prototype of the sm_90a W4A8 wgmma launcher (shared by the .cu launcher and gemm_sm90_ops.cpp).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "../gemm/qgemm_params.h"
+
+namespace qserve {
+namespace gemm_sm90 {
+// per_group: false = per-channel (uses xsum, szeros), true = group-128 (uses s2_scales, s2_zeros).
+// Requires K % 128 == 0, N % 32 == 0 (checked by the op).  Returns the launch's error.
+cudaError_t launch_w4a8_wgmma(const gemm::GemmParams& p, bool per_group, bool out_bf16, cudaStream_t stream);
+}  // namespace gemm_sm90
+}  // namespace qserve
