@@ -77,3 +77,27 @@ def test_wgmma_kernel_declines_off_hopper(monkeypatch):
     monkeypatch.delenv("QSERVE_WGMMA_MIN_M")
     assert cuda_sm90.wgmma_min_m(4096) == cuda_sm90.WGMMA_MIN_M
     assert cuda_sm90.wgmma_min_m(28672) == cuda_sm90.WGMMA_MIN_M_WIDE < cuda_sm90.WGMMA_MIN_M
+
+
+def test_sm90_ops_have_fake_implementations():
+    """vLLM compiles the model with torch.compile: the wgmma ops must trace under fake tensors with the shapes and
+    dtypes of the real kernels (the GPU tests check the values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vllm_qserve.gemm_sm90_ops import sm90_ops_available
+
+    ok, why = sm90_ops_available()
+    if not ok:
+        pytest.skip(why)
+    m, n, k = 37, 256, 512
+    with FakeTensorMode():
+        xq = torch.empty(m, k, dtype=torch.int8)
+        sx = torch.empty(m, dtype=torch.float16)
+        xsum = torch.empty(m, dtype=torch.float16)
+        qweight = torch.empty(n, k // 2, dtype=torch.int8)
+        s1 = torch.empty(n, dtype=torch.float16)
+        out = torch.ops.qserve.w4a8_gemm_per_channel_sm90(xq, sx, xsum, qweight, s1, s1, None, torch.bfloat16, 64)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16
+        s2 = torch.empty(k // 128, n, dtype=torch.int8)
+        out = torch.ops.qserve.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, s2, None, torch.float16, 512)
+        assert out.shape == (m, n) and out.dtype == torch.float16

@@ -85,25 +85,31 @@ def test_greedy_generation_matches_reference(checkpoint):
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     gens = _vllm_generate(checkpoint, prompts)
 
-    ref, _ = load_sim_model(checkpoint, kv_bits=4, dtype=torch.float32, device="cpu")
-    ref.eval()
+    # The reference path in fp32 and at the serving dtype (fp16): SmolLM2 carries activations of ~2e4 in its last
+    # layers, where fp16 keeps 3 significant digits, so the two references themselves differ at fragile steps.  A
+    # step passes when vLLM's token is within a near-tie of the best token of either.
+    refs = {}
+    for dtype in (torch.float32, torch.float16):
+        ref, _ = load_sim_model(checkpoint, kv_bits=4, dtype=dtype, device="cpu")
+        refs[dtype] = ref.eval()
     exact, ties, worst_lp = 0, [], 0.0
     for p, (prompt, gen) in enumerate(zip(prompts, gens)):
         assert len(gen["token_ids"]) == NEW_TOKENS
         ids = torch.tensor([prompt + gen["token_ids"]])
         with torch.no_grad():  # teacher-forced on vLLM's tokens: every step is checked, not only the first ones
-            logp = torch.log_softmax(ref(ids)[0].double(), -1)
+            logps = [torch.log_softmax(r(ids)[0].double(), -1) for r in refs.values()]
         for step, t in enumerate(gen["token_ids"]):
-            row = logp[len(prompt) - 1 + step]
-            best = int(row.argmax())
-            if t == best:
+            rows = [lp[len(prompt) - 1 + step] for lp in logps]
+            gaps = [float(r.max() - r[t]) for r in rows]
+            if min(gaps) == 0.0:
                 exact += 1
             else:
-                gap = float(row[best] - row[t])
-                assert gap < NEAR_TIE_NATS, (f"prompt {p} step {step}: vLLM chose {t} ({tok.decode([t])!r}), the "
-                                             f"reference {best} ({tok.decode([best])!r}) by {gap:.3f} nats")
-                ties.append((p, step, round(gap, 3)))
-            worst_lp = max(worst_lp, abs(gen["logprobs"][step][str(t)] - float(row[t])))
+                best = int(rows[0].argmax())
+                assert min(gaps) < NEAR_TIE_NATS, (
+                    f"prompt {p} step {step}: vLLM chose {t} ({tok.decode([t])!r}), the fp32 reference {best} "
+                    f"({tok.decode([best])!r}); gaps fp32/fp16 {gaps[0]:.3f}/{gaps[1]:.3f} nats")
+                ties.append((p, step, round(min(gaps), 3)))
+            worst_lp = max(worst_lp, min(abs(gen["logprobs"][step][str(t)] - float(r[t])) for r in rows))
         print(f"prompt {p}: {tok.decode(gen['token_ids'])!r}")
     total = NEW_TOKENS * len(prompts)
     print(f"{exact}/{total} tokens equal the reference's argmax; near-ties {ties}; worst |logprob diff| "
