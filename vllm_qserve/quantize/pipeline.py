@@ -92,8 +92,11 @@ def check_tensor_names(tensors: dict, cfg: dict, weight_bits: int, group_size: i
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     if not cfg.get("tie_word_embeddings"):
         expected.add("lm_head.weight")
+    norms = ("input_layernorm", "post_attention_layernorm")
+    if a.gemma:
+        norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
     for i in range(a.num_layers):
-        expected |= {f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        expected |= {f"model.layers.{i}.{n}.weight" for n in norms}
         for proj in PROJECTIONS:
             expected |= {f"model.layers.{i}.{proj}.{s}" for s in expected_tensors(1, GROUP_K, weight_bits, group_size)}
     biases = {k for k in tensors if k.endswith("_proj.bias")}
