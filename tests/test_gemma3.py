@@ -1,27 +1,14 @@
-"""Gemma 3 text models (issue 9) on CPU: RTN and QoQ checkpoints through vLLM's Gemma3ForCausalLM with the qserve
-method and the KV4 backend (sliding-window layers, head_dim 256), against transformers' Gemma3ForCausalLM with
-simulated W4A8 and KV4 numerics (tests/hf_reference.py); the sliding-window reference attention against a dense
-masked computation; the prefill metadata cut of sliding-window layers.
+"""The KV4/KV8 backend's sliding-window support on CPU (Gemma 2/3 local layers): the reference attention against a
+dense masked computation with out-of-window blocks poisoned, and the CUDA prefill path's cut of the context.
 
-Quantizer exactness (the transforms leave the FP function unchanged) lives in tests/test_gemma3_quantize.py.
+Through vLLM end to end (quantize -> Gemma3ForCausalLM + KV4 backend -> generate = reference):
+tests/test_gemma3_quantize.py; on the GPU: tests/test_cuda_kv.py (window decode / prefill), test_gpu_gemma3.py.
 """
 
 import pytest
 import torch
 
-from tests.test_kv_cache_e2e import KV4_LOGPROB_TOL
-from tests.test_vllm_cpu_e2e import check_against_reference, prompts, run_vllm
 from vllm_qserve.reference import kv as ref
-
-ON_GPU = torch.cuda.is_available()
-DTYPE = "float16" if ON_GPU else "float32"
-
-
-@pytest.fixture(scope="module")
-def gemma3_kv4(tmp_path_factory):
-    from vllm_qserve.convert.fixture import make_gemma3_fixture_checkpoint
-
-    return make_gemma3_fixture_checkpoint(str(tmp_path_factory.mktemp("gemma3")), group_size=-1, kv_bits=4)
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 40])
@@ -90,14 +77,3 @@ def test_window_prefill_metadata_cut():
             assert torch.equal(cut.block_table[b, :(int(cut.seq_lens_cpu[b]) + 15) // 16],
                                bt[b, skipped // 16:(int(seq[b]) + 15) // 16])
         assert int(cut.cu_seqlens_k[-1]) == cut.total_kv_tokens == int(cut.seq_lens_cpu.sum())
-
-
-def test_gemma3_rtn_kv4_sliding_window_through_vllm(gemma3_kv4):
-    """RTN W4A8 per-channel + KV4 Gemma 3 (sliding window 16, head_dim 256) through vLLM = the reference; prompts
-    of 40+ tokens and 10 decode steps so that both prefill and decode cross the window, block size 16 so that
-    vLLM's sliding-window manager frees out-of-window blocks."""
-    d, state, config = gemma3_kv4
-    ps = prompts(config.vocab_size, n=2, length=40, seed=3)
-    out = run_vllm(model=d, prompts=ps, max_tokens=10, dtype=DTYPE, engine_kwargs={"block_size": 16})
-    print("max |logprob diff|", check_against_reference(gemma3_kv4, out["generations"], ps, tol=KV4_LOGPROB_TOL,
-                                                        kv_bits=4))
