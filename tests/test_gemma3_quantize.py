@@ -152,3 +152,46 @@ def test_qoq_gemma3_through_vllm_matches_reference(gemma3_dir):
     assert "model.layers.0.self_attn.q_norm.weight" in tensors
     print("max |logprob diff|", check_against_reference((out, None, config), res["generations"], ps,
                                                         tol=KV4_LOGPROB_TOL, kv_bits=4))
+
+
+def test_multimodal_gemma3_language_model_is_extracted(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (MedGemma 4B's layout: SigLIP tower, projector, text model) becomes a
+    text-only Gemma3ForCausalLM: the quantizer's model of the extracted weights gives the multimodal model's logits
+    on text input, and an RTN checkpoint of it validates with the vision tensors left out."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from vllm_qserve.checkpoint import inspect_checkpoint
+    from vllm_qserve.convert.fixture import build_tokenizer, tiny_gemma3_config
+    from vllm_qserve.quantize.model import CausalLM
+    from vllm_qserve.quantize.pipeline import load_source, quantize_model_dir
+
+    src = str(tmp_path / "mm")
+    tok = build_tokenizer(src)
+    text = tiny_gemma3_config(vocab_size=len(tok), layers=2)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       image_token_index=len(tok) - 1, boi_token_index=0, eoi_token_index=1)
+    torch.manual_seed(0)
+    mm = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in mm.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    mm.config.architectures = ["Gemma3ForConditionalGeneration"]
+    mm.save_pretrained(src)
+    sd, out_cfg, _ = load_source(src, str(tmp_path))
+    assert out_cfg["model_type"] == "gemma3_text" and out_cfg["architectures"] == ["Gemma3ForCausalLM"]
+    assert not any("vision" in k or "projector" in k for k in sd)
+    ids = _ids(len(tok) - 2, n=1, length=24)
+    lm = CausalLM({k: v.double() for k, v in sd.items()}, out_cfg).double()
+    with torch.no_grad():
+        want = mm.double()(input_ids=ids).logits
+        got = lm(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # transformers' norms run in fp32
+    out = quantize_model_dir(src, str(tmp_path / "rtn"), method="rtn", group_size=-1, kv_bits=4)
+    cfg_out = json.load(open(os.path.join(out, "config.json")))
+    assert cfg_out["architectures"] == ["Gemma3ForCausalLM"] and cfg_out["quantization_config"]["kv_bits"] == 4
+    info = inspect_checkpoint(out)
+    assert (info.weight_bits, info.group_size) == (4, -1)
+    assert not any("vision" in k for k in info.tensors)
