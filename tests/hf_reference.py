@@ -81,12 +81,17 @@ def fake_quant_kv(x, bits):
     return ((codes - zero) * scale).to(x.dtype)
 
 
-def _register_kv_sim(bits):
+def _register_kv_sim(bits, model_cls=None):
+    import importlib
+
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    name = f"qserve_kv{bits}_sim"
+    # the architecture's own eager attention (Gemma 3's handles its scaling and sliding window like Llama's)
+    module = importlib.import_module(model_cls.__module__ if model_cls else
+                                     "transformers.models.llama.modeling_llama")
+    eager_attention_forward = module.eager_attention_forward
+    name = f"qserve_kv{bits}_sim_{module.__name__.rsplit('.', 1)[-1]}"
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         # key arrives after RoPE, as the KV cache stores it; the prompt's own tokens are quantized too.
@@ -99,15 +104,17 @@ def _register_kv_sim(bits):
 
 
 def build_reference_model(config, fp_state, qserve_tensors, kv_bits=16):
-    """transformers LlamaForCausalLM in fp32 with non-linear weights from the checkpoint and simulated W4A8 linears
-    (and, for kv_bits 4 or 8, simulated KV-cache quantization)."""
-    from transformers import LlamaForCausalLM
+    """transformers' model for the config (LlamaForCausalLM, Gemma3ForCausalLM, ...) in fp32 with non-linear
+    weights from the checkpoint and simulated W4A8 linears (and, for kv_bits 4 or 8, simulated KV-cache
+    quantization)."""
+    from transformers import AutoModelForCausalLM
 
     import copy
 
-    model = LlamaForCausalLM(copy.deepcopy(config)).float().eval()  # the attention choice lives in the config
+    # the attention choice lives in the config
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), torch_dtype=torch.float32).float().eval()
     if kv_bits != 16:
-        model.set_attn_implementation(_register_kv_sim(kv_bits))
+        model.set_attn_implementation(_register_kv_sim(kv_bits, type(model)))
     state = {k: v.float() for k, v in qserve_tensors.items() if v.dtype in (torch.float16, torch.bfloat16)
              and not k.endswith(("s1_scales", "s1_szeros", "dequant_scale"))}
     model.load_state_dict(state, strict=False)

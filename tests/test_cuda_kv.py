@@ -280,17 +280,17 @@ def test_gather_matches_reference(out_dtype, bits, d, bs):
 
 
 # ================================================================================================ decode
-def ref_decode(query, cache, bt, seq_lens, layout, scale):
+def ref_decode(query, cache, bt, seq_lens, layout, scale, window=None):
     b = query.shape[0]
     out = ref.paged_attention(query, cache, bt[:b], torch.tensor(seq_lens, device=DEV),
-                              torch.arange(b + 1, device=DEV), layout, scale)
+                              torch.arange(b + 1, device=DEV), layout, scale, sliding_window=window)
     for i, s in enumerate(seq_lens):
         if s == 0:
             out[i] = 0.0
     return out
 
 
-def decode_bound(cache, bt, seq_lens, layout, query, scale, out_ref, dtype):
+def decode_bound(cache, bt, seq_lens, layout, query, scale, out_ref, dtype, window=None):
     """Per-element tolerance (module docstring): 2 * 2^-11 max_t |v_t,d| + half an ulp of the output + 1e-6,
     plus the effect of fp32 logit rounding, which only matters for huge logits: a logit error of at most
     eps_t = 2^-20 * scale * sum_d |q_d| (|k_t,d| + |z_t s_t|) (fp32 accumulation of D products and of the zero
@@ -303,9 +303,10 @@ def decode_bound(cache, bt, seq_lens, layout, query, scale, out_ref, dtype):
     for b, s in enumerate(seq_lens):
         if not s:
             continue
-        k, v = ref.gather_kv(cache, bt[b], s, layout)
+        start = max(0, s - window) if window else 0  # the positions the query attends to
+        k, v = ref.gather_kv(cache, bt[b], s, layout, start)
         vmax[b] = v.abs().amax(0).repeat_interleave(group, dim=0)
-        pos = torch.arange(s, device=DEV)
+        pos = torch.arange(start, s, device=DEV)
         blk, off = bt[b, pos // layout.block_size].long(), pos % layout.block_size
         zs = (z_all[blk, 0, :, off].float() * s_all[blk, 0, :, off].float()).abs()  # [s, H]
         qa = query[b].float().abs().view(h, group, d)                                 # [H, G, D]
@@ -331,9 +332,9 @@ def run_decode_case(layout, hq, seq_lens, dtype, g, num_splits=None, edge=False,
     return out, expect, (cache, bt, query, sl, scale)
 
 
-def check_decode(out, expect, cache, bt, seq_lens, layout, query, scale, dtype, what):
+def check_decode(out, expect, cache, bt, seq_lens, layout, query, scale, dtype, what, window=None):
     assert not torch.isnan(out).any(), f"{what}: {int(torch.isnan(out).sum())} NaN outputs (unwritten?)"
-    bound = decode_bound(cache, bt, seq_lens, layout, query, scale, expect, dtype)
+    bound = decode_bound(cache, bt, seq_lens, layout, query, scale, expect, dtype, window)
     err = (out.float() - expect).abs()
     ratio = (err / bound).max().item()
     if ratio > 1:
@@ -402,6 +403,99 @@ def test_decode_head_dim_256(bits, dtype):
     for hq in (4, 18):  # 2:1 and 9:1 (D=256 uses 8-head CTAs: two chunks)
         out, expect, (cache, bt, query, _, scale) = run_decode_case(layout, hq, seq_lens, dtype, g)
         check_decode(out, expect, cache, bt, seq_lens, layout, query, scale, dtype, f"D=256 bits={bits} hq={hq}")
+
+
+def poison_before_window(cache, layout, bt, seq_lens, window):
+    """NaN scales and zeros in every block that lies wholly before a sequence's window (vLLM's sliding-window
+    manager frees those blocks and may hand them to other requests): any read of them turns outputs into NaN."""
+    _, scale, zero = layout.views(cache)
+    for b, s in enumerate(seq_lens):
+        first = max(0, s - window)
+        for j in range(first // layout.block_size):
+            blk = int(bt[b, j])
+            scale[blk] = float("nan")
+            zero[blk] = float("nan")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d,bs,h,hq", [(256, 16, 1, 4), (256, 32, 2, 18), (128, 64, 2, 8), (64, 48, 4, 28)],
+                         ids=["gemma3-270m", "D256-9to1", "D128", "D64-bs48"])
+def test_decode_sliding_window(bits, dtype, d, bs, h, hq):
+    """Sliding-window decode (Gemma 2/3 local layers): the new token at position s - 1 attends to positions
+    >= s - W only.  Blocks wholly before the window are poisoned, so reading one shows up as NaN; windows below,
+    at and above a tile / block boundary and above the length; automatic and explicit split counts."""
+    g = _gen()
+    seq_lens = [1, 16, 17, 100, 513, 1000, 4096, 0]
+    layout = ref.KVCacheLayout(h, d, bs, bits)
+    nblk = sum((s + bs - 1) // bs for s in seq_lens) + 8
+    bt = block_table_for(seq_lens, bs, nblk, g)
+    for window in (1, 15, 16, 17, 512, 1000, 5000):
+        cache, _, _ = fill_cache(layout, seq_lens, bt, dtype, g)
+        poison_before_window(cache, layout, bt, seq_lens, window)
+        query = (torch.randn(len(seq_lens), hq, d, device=DEV, generator=g) * 3.0).to(dtype)
+        scale = 1.0 / math.sqrt(d)
+        sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+        expect = ref_decode(query, cache, bt, seq_lens, layout, scale, window)
+        n_auto = torch.ops.qserve.kv_decode_num_splits(query, cache, bt, h, bits, window)
+        for splits in (None, 1, 3, 64):
+            out = torch.full((len(seq_lens), hq, d), float("nan"), dtype=dtype, device=DEV)
+            attention_ops.paged_decode(query, cache, bt, sl, h, bits, scale, out=out, num_splits=splits,
+                                       sliding_window=window)
+            check_decode(out, expect, cache, bt, seq_lens, layout, query, scale, dtype,
+                         f"window={window} splits={splits or n_auto} D={d} bits={bits}", window=window)
+            assert (out[-1] == 0).all(), "an empty sequence must give zeros"
+    with pytest.raises(RuntimeError, match="sliding_window"):
+        torch.ops.qserve.kv_paged_decode(out, query, cache, bt, sl, scale, h, bits, -3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("window", [1, 16, 37, 4096])
+def test_backend_prefill_sliding_window(bits, window):
+    """The CUDA kernel class's prefill path (cut context + FlashAttention's window) and decode path, in one mixed
+    batch (decodes first, then prompt chunks over cached context), against the reference's windowed attention;
+    blocks before each sequence's window are poisoned."""
+    pytest.importorskip("vllm")
+    from vllm_qserve.attention.backend import QServeKVMetadata, QServePrefillMetadata
+    from vllm_qserve.attention.kernels import CudaKVKernel, KVSpec
+
+    g = _gen()
+    h, hq, d, bs, dtype = 1, 4, 256, 16, torch.bfloat16
+    seq_lens = [300, 45, 1, 200, 64, 130]   # 2 decodes, then prefills (q_lens below)
+    q_lens = [1, 1, 1, 200, 20, 7]
+    layout = ref.KVCacheLayout(h, d, bs, bits)
+    bt = block_table_for(seq_lens, bs, sum((s + bs - 1) // bs for s in seq_lens) + 8, g)
+    cache, _, _ = fill_cache(layout, seq_lens, bt, dtype, g)
+    _, sc, zc = layout.views(cache)
+    for b, s in enumerate(seq_lens):  # blocks wholly before the first query's window
+        first = max(0, s - q_lens[b] - window + 1)
+        for j in range(first // bs):
+            sc[int(bt[b, j])] = float("nan")
+            zc[int(bt[b, j])] = float("nan")
+    qsl = torch.tensor([0] + torch.cumsum(torch.tensor(q_lens), 0).tolist(), dtype=torch.int32)
+    query = (torch.randn(int(qsl[-1]), hq, d, device=DEV, generator=g) * 2).to(dtype)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    nd = 3
+    seq_p = sl[nd:]
+    cu_k = torch.zeros(len(seq_p) + 1, dtype=torch.int32)
+    cu_k[1:] = torch.cumsum(seq_p, 0)
+    prefill = QServePrefillMetadata(block_table=bt[nd:], seq_lens=seq_p.to(DEV),
+                                    cu_seqlens_q=(qsl[nd:] - qsl[nd]).to(DEV), cu_seqlens_k=cu_k.to(DEV),
+                                    max_query_len=max(q_lens[nd:]), max_seq_len=int(seq_p.max()),
+                                    total_kv_tokens=int(cu_k[-1]), seq_lens_cpu=seq_p,
+                                    query_lens_cpu=torch.tensor(q_lens[nd:], dtype=torch.int32))
+    md = QServeKVMetadata(num_actual_tokens=int(qsl[-1]), num_decodes=nd, num_decode_tokens=nd, num_prefills=3,
+                          max_query_len=200, max_seq_len=300, query_start_loc=qsl.to(DEV), seq_lens=sl.to(DEV),
+                          block_table=bt, slot_mapping=torch.zeros(0, device=DEV), prefill=prefill)
+    kernel = CudaKVKernel(KVSpec(hq, h, d, bits, dtype, "cuda"))
+    out = torch.full_like(query, float("nan"))
+    scale = 256 ** -0.5
+    kernel.attend(query, cache, md, scale, out, sliding_window=window)
+    expect = ref.paged_attention(query, cache, bt, sl.to(DEV), qsl.to(DEV), layout, scale, sliding_window=window)
+    assert not out.isnan().any(), "NaN: an out-of-window block was read, or an output was not written"
+    err = (out.float() - expect).abs().max().item()
+    # bf16 output (2^-8 relative) and FlashAttention's bf16 P.V on bf16-rounded K/V
+    assert err <= 0.02 * expect.abs().max().item() + 1e-3, f"windowed mixed batch: max error {err}"
 
 
 @pytest.mark.parametrize("bits", [4, 8])

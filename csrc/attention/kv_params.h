@@ -29,6 +29,8 @@ constexpr int kSplitAlign = 64;
 // small against the KV bytes it streams).
 constexpr int kMinSplitTokens = 128;
 constexpr int kMaxSplits = 64;
+// Tokens per warp tile of the decode kernel (the M of its MMAs); a sliding window starts reading at a multiple.
+constexpr int kDecodeTileTokens = 16;
 
 // Tokens handled by each split of a sequence of `seq_len` tokens when the grid has `num_splits` splits.  Depends on
 // seq_len (a device value) so that short sequences still spread over the splits; the number of splits itself
@@ -96,7 +98,19 @@ struct DecodeParams {
   int head_chunks;         // ceil(group / heads_per_cta)
   int num_splits;
   float scale_log2;        // softmax_scale * log2(e)
+  int sliding_window;      // > 0: attend to the last sliding_window positions only (vLLM's convention); 0: all
 };
+
+// First position the query at seq_len - 1 attends to, and the tile-aligned position the decode kernel starts
+// reading at.  Pages wholly older than the window are never read (vLLM's sliding-window manager may already have
+// handed them to other requests); the few positions of the first tile that precede the window share a page with
+// in-window positions and are masked.  Host and device (split kernel and split reduction) use the same rule.
+QSERVE_HD int window_first(int seq_len, int sliding_window) {
+  return (sliding_window > 0 && seq_len > sliding_window) ? seq_len - sliding_window : 0;
+}
+QSERVE_HD int window_read_start(int seq_len, int sliding_window, int tile) {
+  return window_first(seq_len, sliding_window) / tile * tile;
+}
 
 // dtype codes: 0 = fp16, 1 = bf16, 2 = fp32 (gather output only).
 cudaError_t launch_kv_cache_write(const WriteParams& p, int head_dim, int bits, int dtype, cudaStream_t stream);

@@ -116,6 +116,33 @@ __device__ __forceinline__ Vec<T, kVec> silu_mul(const T* row, int k, int i) {
   return y;
 }
 
+// gelu_tanh(gate) rounded, times up, rounded (F.gelu(g, approximate="tanh") * u in the activation dtype, and
+// vLLM's GeluAndMul("tanh")): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) in fp32 with PyTorch's operation
+// order and the accurate tanhf; explicit _rn intrinsics keep nvcc from contracting to FMAs.
+template <typename T, int kVec>
+__device__ __forceinline__ Vec<T, kVec> gelu_tanh_mul(const T* row, int k, int i) {
+  constexpr float kBeta = 0.7978845608028654f;  // M_SQRT2 * M_2_SQRTPI * 0.5
+  constexpr float kKappa = 0.044715f;
+  const Vec<T, kVec> g = load<T, kVec>(row, i), u = load<T, kVec>(row + k, i);
+  Vec<T, kVec> y;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const float gv = Num<T>::to_f(g.v[j]);
+    const float cube = __fmul_rn(__fmul_rn(gv, gv), gv);
+    const float inner = __fmul_rn(kBeta, __fadd_rn(gv, __fmul_rn(kKappa, cube)));
+    const float a = round_to<T>(__fmul_rn(__fmul_rn(0.5f, gv), __fadd_rn(1.f, tanhf(inner))));
+    y.v[j] = Num<T>::from_f(__fmul_rn(a, Num<T>::to_f(u.v[j])));
+  }
+  return y;
+}
+
+// The gated-activation prologues (x = [gate | up]).
+template <typename T, int kVec, Prologue kP>
+__device__ __forceinline__ Vec<T, kVec> gated(const T* row, int k, int i) {
+  if constexpr (kP == Prologue::kGeluTanhMul) return gelu_tanh_mul<T, kVec>(row, k, i);
+  else return silu_mul<T, kVec>(row, k, i);
+}
+
 template <typename T, int kVec>
 __device__ __forceinline__ void accumulate(const Vec<T, kVec>& y, float& amax, float& sum) {
 #pragma unroll
@@ -143,9 +170,9 @@ __global__ void __launch_bounds__(kMaxThreads) fused_quant_kernel(const Params p
   float r = 0.f;  // 1 / rms of the row (rms kinds)
   float amax = 0.f, sum = 0.f;
 
-  if constexpr (kP == Prologue::kSiluMul) {
+  if constexpr (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul) {
     for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-      const V y = silu_mul<T, kVec>(xr, p.k, i);
+      const V y = gated<T, kVec, kP>(xr, p.k, i);
       accumulate<T, kVec>(y, amax, sum);
       if (cache_row) cache[i] = y;
     }
@@ -200,8 +227,8 @@ __global__ void __launch_bounds__(kMaxThreads) fused_quant_kernel(const Params p
     V y;
     if (cache_row) {
       y = cache[i];
-    } else if constexpr (kP == Prologue::kSiluMul) {
-      y = silu_mul<T, kVec>(xr, p.k, i);
+    } else if constexpr (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul) {
+      y = gated<T, kVec, kP>(xr, p.k, i);
     } else {
       // recompute the operand exactly as in the previous phase (same inputs, same operations)
       y = normalize<T, kVec>(load<T, kVec>(src, i), weight, i, r);
@@ -222,7 +249,7 @@ template <typename T, Prologue kP>
 cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vectorize = p.k % kVec == 0 && aligned16(p.x) && p.x_row_stride % kVec == 0 &&
-                         (kP == Prologue::kSiluMul || aligned16(p.weight)) &&
+                         (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul || aligned16(p.weight)) &&
                          (kP != Prologue::kAddRmsNorm ||
                           (aligned16(p.residual) && p.residual_row_stride % kVec == 0 && aligned16(p.residual_out))) &&
                          reinterpret_cast<uintptr_t>(p.xq) % kVec == 0;
@@ -246,6 +273,7 @@ cudaError_t launch_prologue(Prologue prologue, const Params& p, cudaStream_t str
     case Prologue::kRmsNorm: return launch_typed<T, Prologue::kRmsNorm>(p, stream);
     case Prologue::kAddRmsNorm: return launch_typed<T, Prologue::kAddRmsNorm>(p, stream);
     case Prologue::kSiluMul: return launch_typed<T, Prologue::kSiluMul>(p, stream);
+    case Prologue::kGeluTanhMul: return launch_typed<T, Prologue::kGeluTanhMul>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -163,8 +163,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(co
   return {xq, scale, xsum, residual_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quant(const at::Tensor& x, bool with_sum) {
-  const char* op = "silu_mul_quant";
+namespace {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mul_quant(const char* op, Prologue prologue,
+                                                               const at::Tensor& x, bool with_sum) {
   act_dtype(op, x);
   const auto [m, stride] = rows_of(op, "x", x);
   const int64_t w = x.size(-1);
@@ -184,8 +185,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quant(const at::Tensor& 
   p.xsum = with_sum ? xsum.data_ptr<float>() : nullptr;
   p.m = m;
   p.k = static_cast<int>(d);
-  run(op, Prologue::kSiluMul, x, p);
+  run(op, prologue, x, p);
   return {xq, scale, xsum};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quant(const at::Tensor& x, bool with_sum) {
+  return gated_mul_quant("silu_mul_quant", Prologue::kSiluMul, x, with_sum);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_tanh_mul_quant(const at::Tensor& x, bool with_sum) {
+  return gated_mul_quant("gelu_tanh_mul_quant", Prologue::kGeluTanhMul, x, with_sum);
 }
 
 }  // namespace qserve
@@ -201,10 +211,13 @@ TORCH_LIBRARY_FRAGMENT(qserve, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   // x [..., 2d] (gate, up) -> (xq int8 [..., d], scale, xsum) = quantize_per_token(silu(gate) * up, with_sum)
   m.def("silu_mul_quant(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)");
+  // ... = quantize_per_token(gelu_tanh(gate) * up, with_sum)   (GeGLU, Gemma)
+  m.def("gelu_tanh_mul_quant(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qserve, CUDA, m) {
   m.impl("rms_norm_quant", &qserve::rms_norm_quant);
   m.impl("add_rms_norm_quant", &qserve::add_rms_norm_quant);
   m.impl("silu_mul_quant", &qserve::silu_mul_quant);
+  m.impl("gelu_tanh_mul_quant", &qserve::gelu_tanh_mul_quant);
 }

@@ -14,6 +14,7 @@ enum class Prologue : int {
   kRmsNorm = 0,     // y = rms_norm(x) * weight
   kAddRmsNorm = 1,  // r = x + residual (written out), y = rms_norm(r) * weight
   kSiluMul = 2,     // y = silu(x[:, :d]) * x[:, d:]
+  kGeluTanhMul = 3, // y = gelu_tanh(x[:, :d]) * x[:, d:]   (GeGLU: Gemma)
 };
 
 enum class Dtype : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };

@@ -17,7 +17,7 @@ host-side lengths).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -95,6 +95,10 @@ class QServeKVBackend(AttentionBackend):
         return False
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True  # per layer (Gemma 2/3's local layers): decode skips older pages, prefill cuts the context
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
@@ -110,6 +114,9 @@ class QServePrefillMetadata:
     max_query_len: int
     max_seq_len: int
     total_kv_tokens: int
+    seq_lens_cpu: torch.Tensor | None = None  # [P] int32, host copies (sliding-window layers cut the context)
+    query_lens_cpu: torch.Tensor | None = None  # [P] int32
+    windowed: dict = field(default_factory=dict)  # sliding window -> QServePrefillMetadata of the window
 
 
 @dataclass
@@ -164,6 +171,8 @@ class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_cpu.max()),
             total_kv_tokens=int(cu_k[-1]),
+            seq_lens_cpu=seq_cpu,
+            query_lens_cpu=q_lens.to(torch.int32),
         )
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> QServeKVMetadata:
@@ -177,8 +186,7 @@ class QServeKVImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
                  sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks=None, **extra) -> None:
-        unsupported = {"ALiBi slopes": alibi_slopes is not None, "sliding window": sliding_window is not None,
-                       "logits soft-capping": bool(logits_soft_cap), "attention sinks": sinks is not None,
+        unsupported = {"ALiBi slopes": alibi_slopes is not None, "logits soft-capping": bool(logits_soft_cap), "attention sinks": sinks is not None,
                        f"attention type {attn_type}": attn_type != AttentionType.DECODER}
         bad = [name for name, present in unsupported.items() if present]
         if bad:
@@ -189,6 +197,12 @@ class QServeKVImpl(AttentionImpl):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
+        # Gemma 2/3, Mistral: vLLM passes the layer's window (None for global layers); W means a token attends to
+        # itself and the W - 1 positions before it (FlashAttention's window_size = (W - 1, 0)).
+        if sliding_window is not None and int(sliding_window) <= 0:
+            raise ValueError(f"qserve KV backend: sliding window must be a positive number of tokens, got "
+                             f"{sliding_window}")
+        self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.kv_cache_dtype = kv_cache_dtype
         self.bits = kv_bits_of(kv_cache_dtype)
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
@@ -216,5 +230,5 @@ class QServeKVImpl(AttentionImpl):
             return output.fill_(0)
         q = query.view(-1, self.num_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
-        self._kernel(q).attend(q, kv_cache, attn_metadata, self.scale, out)
+        self._kernel(q).attend(q, kv_cache, attn_metadata, self.scale, out, self.sliding_window)
         return output

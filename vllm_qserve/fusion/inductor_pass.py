@@ -49,7 +49,10 @@ def model_epsilons(config: VllmConfig) -> tuple[float, ...]:
 
 def count_qserve_ops(graph: torch.fx.Graph) -> Counter:
     """How many fused ops (and plain quantizers) the graph calls."""
-    targets = {getattr(torch.ops.qserve, name).default: name for name in (*FUSED_OP_NAMES, "quantize_per_token")}
+    from vllm_qserve.fusion.fused_ops import GELU_OP_NAME, gelu_op_available
+
+    names = (*FUSED_OP_NAMES, "quantize_per_token") + ((GELU_OP_NAME,) if gelu_op_available() else ())
+    targets = {getattr(torch.ops.qserve, name).default: name for name in names}
     counts: Counter = Counter({name: 0 for name in targets.values()})
     for node in graph.nodes:
         if node.op == "call_function" and node.target in targets:
@@ -103,7 +106,7 @@ class QServeFusionPass(VllmFusionPatternMatcherPass):
             compile_range = "?"
         REPLACEMENT_LOG.append({"range": compile_range, **counts})
         logger.info(
-            "qserve fusion (compile range %s): %d rms_norm_quant, %d add_rms_norm_quant, %d silu_mul_quant; "
-            "%d quantize_per_token left (inputs with no norm/activation in front, e.g. o_proj's)",
-            compile_range, counts["rms_norm_quant"], counts["add_rms_norm_quant"], counts["silu_mul_quant"],
-            counts["quantize_per_token"])
+            "qserve fusion (compile range %s): %d rms_norm_quant, %d add_rms_norm_quant, %d silu_mul_quant, "
+            "%d gelu_tanh_mul_quant; %d quantize_per_token left (inputs with no norm/activation in front, e.g. "
+            "o_proj's)", compile_range, counts["rms_norm_quant"], counts["add_rms_norm_quant"],
+            counts["silu_mul_quant"], counts["gelu_tanh_mul_quant"], counts["quantize_per_token"])

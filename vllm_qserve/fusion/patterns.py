@@ -185,6 +185,46 @@ class SiluMulQuantPattern(QuantFusionPattern):
         return _replacement
 
 
+class GeluTanhMulQuantPattern(SiluMulQuantPattern):
+    """GeGLU (Gemma): GeluAndMul("tanh").forward_native as traced, or vLLM's _C.gelu_tanh_and_mul custom op."""
+
+    fused_op = "gelu_tanh_mul_quant"
+
+    @property
+    def pattern(self):
+        with_sum, custom_op = self.with_sum, self.custom_op
+
+        def _pattern(x: torch.Tensor):
+            d = x.shape[-1] // 2
+            if custom_op:
+                out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device)
+                op = torch.ops._C.gelu_tanh_and_mul.default
+                out_name = op._schema.arguments[0].name
+                y = auto_functionalized(op, **{out_name: out, "input": x})[1]
+            else:
+                y = torch.nn.functional.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+            return _quantize(y, with_sum)
+
+        return _pattern
+
+    @property
+    def replacement(self):
+        with_sum = self.with_sum
+
+        def _replacement(x: torch.Tensor):
+            return _quant_outputs(torch.ops.qserve.gelu_tanh_mul_quant.default(x, with_sum), with_sum)
+
+        return _replacement
+
+
+def gelu_tanh_custom_op_available() -> bool:
+    try:
+        torch.ops._C.gelu_tanh_and_mul.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def silu_custom_op_available() -> bool:
     try:
         torch.ops._C.silu_and_mul.default  # noqa: B018  (vLLM's compiled op; absent in a bare torch)
@@ -202,4 +242,9 @@ def build_patterns(epsilons, dtype: torch.dtype) -> list[QuantFusionPattern]:
     out += [RmsNormQuantPattern(eps, dtype, s) for eps in epsilons for s in sums]
     forms = (False, True) if silu_custom_op_available() else (False,)
     out += [SiluMulQuantPattern(dtype, s, form) for form in forms for s in sums]
+    from vllm_qserve.fusion.fused_ops import gelu_op_available
+
+    if gelu_op_available():  # GeGLU (Gemma); an older extension build simply leaves it unfused
+        forms = (False, True) if gelu_tanh_custom_op_available() else (False,)
+        out += [GeluTanhMulQuantPattern(dtype, s, form) for form in forms for s in sums]
     return out

@@ -75,28 +75,16 @@ class _KVCache:
         self.v = [None] * len(model.layers)
 
     def step(self, ids: torch.Tensor, pos0: int) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        from vllm_qserve.quantize.model import rotate_half
-
         m = self.model
-        a = m.arch
         h = m.embed(ids)
         b, t = ids.shape
         pos = torch.arange(pos0, pos0 + t, device=ids.device).expand(b, -1)
         cos, sin = m.rope(pos, h.dtype)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(b, t, a.num_heads, a.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
             self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], 2)
             self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], 2)
-            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], is_causal=t > 1, enable_gqa=a.group > 1)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer.add_attention(h, attn.o_proj(attn.attend(q, self.k[i], self.v[i])))
+            h = layer.mlp_block(h)
         return m.head(h)

@@ -60,7 +60,57 @@ def load_source(path: str, work_dir: str) -> tuple:
         for f in files:
             sd.update(load_torch_file(f, mmap=False))
     sd = {k: v.float() for k, v in sd.items() if "rotary_emb" not in k}
+    if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        sd, cfg = gemma3_language_model(sd, cfg)
     return sd, cfg, path
+
+
+# Gemma3ForConditionalGeneration (MedGemma 4B, Gemma-3-4B/12B/27B-it) stores its Gemma 3 text model under one of
+# these prefixes (older hub layout / transformers >= 4.52), next to a SigLIP vision tower and a projector.
+_GEMMA3_MM_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+_GEMMA3_MM_HEADS = ("language_model.lm_head.weight", "lm_head.weight")
+_GEMMA3_MM_VISION = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def gemma3_language_model(sd: dict, cfg: dict) -> tuple:
+    """The Gemma 3 text model inside a multimodal Gemma3ForConditionalGeneration checkpoint, as a text-only
+    Gemma3ForCausalLM (state dict with HF text names, gemma3_text config).  The vision tower and projector are
+    dropped: the quantized checkpoint serves text prompts only (docs/quantizer.md, "Quantize your own MedGemma")."""
+    from transformers import Gemma3TextConfig
+
+    text = {}
+    dropped = 0
+    for name, t in sd.items():
+        prefix = next((p for p in _GEMMA3_MM_TEXT_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            text["model." + name[len(prefix):]] = t
+        elif name in _GEMMA3_MM_HEADS:
+            text["lm_head.weight"] = t
+        elif name.startswith(_GEMMA3_MM_VISION):
+            dropped += 1
+        else:
+            raise ValueError(f"multimodal Gemma 3 checkpoint: unexpected tensor {name!r} (neither the language "
+                             f"model, the vision tower nor the projector)")
+    if not text:
+        raise ValueError("multimodal Gemma 3 checkpoint without language-model tensors "
+                         f"(expected names starting with {' or '.join(_GEMMA3_MM_TEXT_PREFIXES)})")
+    # the hub's text_config lists only what differs from Gemma3TextConfig's defaults: complete it
+    text_cfg = Gemma3TextConfig(**{k: v for k, v in cfg["text_config"].items() if k != "model_type"}).to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
+        text_cfg.pop(key, None)
+    text_cfg["model_type"] = "gemma3_text"
+    text_cfg["architectures"] = ["Gemma3ForCausalLM"]
+    text_cfg["tie_word_embeddings"] = "lm_head.weight" not in text or torch.equal(
+        text["lm_head.weight"], text.get("model.embed_tokens.weight", torch.empty(0)))
+    if text_cfg["tie_word_embeddings"]:
+        text.pop("lm_head.weight", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if cfg.get(key) is not None and text_cfg.get(key) is None:
+            text_cfg[key] = cfg[key]
+    print(f"[quantize] multimodal Gemma 3: quantizing its language model as a text-only Gemma3ForCausalLM; "
+          f"{dropped} vision-tower / projector tensors are not part of the output (images are not supported)",
+          file=sys.stderr)
+    return text, text_cfg
 
 
 def check_quantizable(cfg: dict, weight_bits: int, group_size: int) -> None:
@@ -92,8 +142,11 @@ def check_tensor_names(tensors: dict, cfg: dict, weight_bits: int, group_size: i
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     if not cfg.get("tie_word_embeddings"):
         expected.add("lm_head.weight")
+    norms = ("input_layernorm", "post_attention_layernorm")
+    if a.gemma:
+        norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
     for i in range(a.num_layers):
-        expected |= {f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        expected |= {f"model.layers.{i}.{n}.weight" for n in norms}
         for proj in PROJECTIONS:
             expected |= {f"model.layers.{i}.{proj}.{s}" for s in expected_tensors(1, GROUP_K, weight_bits, group_size)}
     biases = {k for k in tensors if k.endswith("_proj.bias")}

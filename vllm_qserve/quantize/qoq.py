@@ -56,6 +56,7 @@ class QoQOptions:
     smooth_attention_alpha: float | None = None  # None: searched per layer (SMOOTH_ATTENTION_ALPHAS)
     smooth_v_o: bool = True
     smooth_up_down: bool = True
+    smooth_inputs: bool | None = None  # q/k/v and gate/up inputs into the norm gains; default: where not rotated
     reorder: bool | None = None  # default: on for group 128
     clip_search: bool | None = None  # default: on for per-channel grids
     use_gptq: bool = True
@@ -281,6 +282,13 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
     """Runs QoQ on model (in place) with calibration ids [S, L]; returns the QServe projection tensors."""
     t0 = time.perf_counter()
     a = model.arch
+    if a.gemma and opts.rotate:
+        # not exact across Gemma's post-norms (transforms.py, docs/quantizer.md): the q/k/v and gate/up inputs are
+        # smoothed into the norm gains instead
+        opts.rotate = False
+        opts.log["rotate"] = "skipped: the residual rotation is not exact for Gemma's sandwich norms"
+    smooth_inputs = (not opts.rotate) if opts.smooth_inputs is None else opts.smooth_inputs
+    opts.smooth_inputs = smooth_inputs
     if opts.rotate:
         T.rotate_residual(model, opts.seed)
     if opts.rotate_heads:
@@ -306,15 +314,31 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
         samples, absmax = obs.samples, obs.absmax
 
         if opts.smooth_attention and obs.key_absmax is not None:
+            # Gemma: lambda lives in the QK-norm gains, which all heads share
+            key_absmax = T.shared_over_heads(obs.key_absmax) if a.gemma else obs.key_absmax
             alpha = opts.smooth_attention_alpha
             if alpha is None:
-                alpha, _ = _search_smooth_attention(obs.q_samples, obs.k_samples, obs.key_absmax,
+                alpha, _ = _search_smooth_attention(obs.q_samples, obs.k_samples, key_absmax,
                                                     opts.kv_bits if opts.kv_bits < 16 else 4, a.group)
-            lam = T.smooth_attention_scale(obs.key_absmax, alpha)
+            lam = T.smooth_attention_scale(key_absmax, alpha)
             T.smooth_attention(layer, lam)
             entry["smooth_attention_alpha"] = alpha
             entry["key_absmax_before"] = float(obs.key_absmax.max())
             entry["key_absmax_after"] = float((obs.key_absmax / lam).max())
+
+        if smooth_inputs:
+            for name, norm in (("qkv", layer.input_layernorm), ("gate_up", layer.mlp_input_norm)):
+                part, projs = GROUPS[name]
+                mods = [getattr(getattr(layer, part), p) for p in projs]
+                w = torch.cat([m.weight.data for m in mods])
+                s_in, alpha, _ = _search_smoothing(samples[name], w, absmax[name], w.abs().amax(0).double(),
+                                                   lambda s_: s_, opts)
+                entry[f"smooth_{name}_alpha"] = alpha
+                if s_in is not None:
+                    T.smooth_norm_input(norm, mods, s_in)
+                    hess[name] = obs.hess[name].scaled(s_in)
+                    samples[name] = samples[name] / s_in.to(samples[name].dtype)
+                    absmax[name] = absmax[name] / s_in
 
         if opts.smooth_v_o:
             act = absmax["o"].view(a.num_heads, a.head_dim).view(a.num_kv_heads, a.group, a.head_dim).amax(1)

@@ -17,6 +17,22 @@
 * ``reorder_down``: permutes the intermediate channels (gate/up rows, down_proj columns) so that channels with
   similar activation size share a 128-wide weight group (group-128 only).
 
+* ``smooth_norm_input``: SmoothQuant between an RMSNorm and the projections that read it: gain /= s, input
+  columns *= s.  Exact for any per-channel gain.  This is what the q/k/v and gate/up inputs get where the
+  residual stream cannot be rotated (Gemma 3, below).
+
+Gemma 3 (docs/quantizer.md, "Gemma 3"): the residual rotation is *not* exact there.  Gemma normalises each
+branch output (post_attention_layernorm, post_feedforward_layernorm) before adding it to the stream, and an
+RMSNorm commutes with an orthogonal R only when its gain is uniform; with a per-channel gain g,
+RMSNorm_g(o) R != RMSNorm_g(o R) and no linear layer follows the post-norm to absorb R.  So ``rotate_residual``
+refuses Gemma and the quantizer smooths the q/k/v and gate/up inputs into the norm gains instead.  The rest is
+exact for Gemma: the per-head V / o_proj rotation and v -> o smoothing (V has no norm), up -> down smoothing
+(gelu_tanh(gate) * up is linear in up's rows), the group-128 reorder, and SmoothAttention -- but through the
+QK-norm gains, not k_proj's rows: k = RMSNorm(k_proj x) over head_dim undoes any scaling of k_proj's rows,
+while scaling the k_norm gain by 1/lambda and the q_norm gain by lambda is exact (RoPE commutes with a factor
+shared by the two channels of a pair).  The QK-norm gains are shared by all heads, so Gemma's lambda is one
+vector over head_dim (the max over KV heads).
+
 All arithmetic is float64 and the results are cast back to the parameter dtype.
 """
 
@@ -47,6 +63,10 @@ def _rotate_outputs(lin: Linear, rot: torch.Tensor) -> None:
 
 def rotate_residual(model: CausalLM, seed: int = 0) -> torch.Tensor:
     """Fold norm gains and rotate the residual stream in place; returns R (float64).  Unties lm_head."""
+    if model.arch.gemma:
+        raise ValueError("rotate_residual is not exact for Gemma: its post-attention / post-feedforward RMSNorms "
+                         "have per-channel gains on the branch outputs, which do not commute with a rotation of "
+                         "the residual stream (use smooth_norm_input for the q/k/v and gate/up inputs)")
     # built on the CPU (seeded, reproducible), applied where the model lives
     rot = orthogonal_rotation(model.arch.hidden_size, seed).to(model.model.embed_tokens.weight.device)
     model.untie_lm_head()
@@ -92,10 +112,20 @@ def smooth_attention_scale(key_absmax: torch.Tensor, alpha: float = 0.5) -> torc
 
 
 def smooth_attention(layer: DecoderLayer, lam: torch.Tensor) -> None:
-    """q rows *= lambda (repeated over the query heads of each KV group), k rows /= lambda.  lam: [Hkv, D]."""
+    """q rows *= lambda (repeated over the query heads of each KV group), k rows /= lambda.  lam: [Hkv, D].
+
+    Gemma (QK-norm): the q_norm gain *= lambda and the k_norm gain /= lambda instead; those gains are shared by all
+    heads, so lam must be equal for every KV head (use ``shared_over_heads``)."""
     attn = layer.self_attn
     a = attn.arch
     lam = lam.double()
+    if a.gemma:
+        if not torch.equal(lam, lam[:1].expand_as(lam)):
+            raise ValueError("Gemma's SmoothAttention scale must be shared by all KV heads (QK-norm gains are "
+                             "per channel of head_dim only)")
+        attn.q_norm.set_gain(attn.q_norm.gain * lam[0])
+        attn.k_norm.set_gain(attn.k_norm.gain / lam[0])
+        return
     lam_q = lam.repeat_interleave(a.group, dim=0).reshape(-1)  # query head h reads KV head h // group
     lam_k = lam.reshape(-1)
     _set(attn.q_proj.weight, attn.q_proj.weight.double() * lam_q[:, None])
@@ -104,6 +134,19 @@ def smooth_attention(layer: DecoderLayer, lam: torch.Tensor) -> None:
         _set(attn.q_proj.bias, attn.q_proj.bias.double() * lam_q)
     if attn.k_proj.bias is not None:
         _set(attn.k_proj.bias, attn.k_proj.bias.double() / lam_k)
+
+
+def shared_over_heads(key_absmax: torch.Tensor) -> torch.Tensor:
+    """[Hkv, D] -> the max over KV heads, repeated for every head (Gemma's QK-norm gains are shared by heads)."""
+    return key_absmax.amax(0, keepdim=True).expand_as(key_absmax).clone()
+
+
+def smooth_norm_input(norm, linears, s: torch.Tensor) -> None:
+    """SmoothQuant into an RMSNorm's gain: gain /= s, every reader's input column *= s (exact).  s: [hidden]."""
+    s = s.double()
+    norm.set_gain(norm.gain / s)
+    for lin in linears:
+        _set(lin.weight, lin.weight.double() * s[None, :])
 
 
 def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -11,6 +11,8 @@ from vllm_qserve.reference.activation import (
     add_rms_norm_quant,
     silu_and_mul,
     silu_mul_quant,
+    gelu_tanh_and_mul,
+    gelu_tanh_mul_quant,
 )
 from vllm_qserve.reference.gemm import (
     dequantize_w4_per_channel,
@@ -31,6 +33,7 @@ from vllm_qserve.reference.kv import (
 
 __all__ = [
     "quantize_per_token", "rms_norm", "rms_norm_quant", "add_rms_norm_quant", "silu_and_mul", "silu_mul_quant",
+    "gelu_tanh_and_mul", "gelu_tanh_mul_quant",
     "dequantize_w4_per_channel", "dequantize_w4_per_group", "rebuild_w8_per_group", "w4a8_per_channel",
     "w4a8_per_group", "w8a8", "int_matmul_exact", "quantize_kv", "dequantize_kv", "KVCacheLayout",
     "write_kv_cache", "paged_attention",

@@ -63,3 +63,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_quant(x, with_sum: bool = False):
     return quantize_per_token(silu_and_mul(x), with_sum)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2d] -> [..., d]: gelu_tanh(gate) * up (GeGLU: Gemma; vLLM's GeluAndMul(approximate="tanh"))."""
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
+def gelu_tanh_mul_quant(x, with_sum: bool = False):
+    return quantize_per_token(gelu_tanh_and_mul(x), with_sum)

@@ -104,10 +104,10 @@ def write_kv_cache(key, value, cache, slot_mapping, layout: KVCacheLayout) -> No
         zero[blk, kv_idx, :, off] = z
 
 
-def gather_kv(cache, block_table_row, seq_len: int, layout: KVCacheLayout):
-    """Dequantized K and V [seq_len, H, D] (fp32) of one sequence."""
+def gather_kv(cache, block_table_row, seq_len: int, layout: KVCacheLayout, start: int = 0):
+    """Dequantized K and V [seq_len - start, H, D] (fp32) of positions start .. seq_len - 1 of one sequence."""
     data, scale, zero = layout.views(cache)
-    pos = torch.arange(seq_len, device=cache.device)
+    pos = torch.arange(start, seq_len, device=cache.device)
     blk = block_table_row[pos // layout.block_size].long()
     off = pos % layout.block_size
     out = []
@@ -125,6 +125,9 @@ def paged_attention(query, cache, block_table, seq_lens, query_start_loc, layout
 
     query [T, Hq, D]; block_table [B, max_blocks]; seq_lens [B] (context + new tokens); query_start_loc [B+1].
     Covers decode (1 new token), prefill, chunked prefill and prefix-cache hits alike.  fp32 softmax.
+    sliding_window W: the token at position p attends to positions p - W + 1 .. p (vLLM's and FlashAttention's
+    window_size = (W - 1, 0), transformers' ``q - k < W``).  Positions older than the first query's window are
+    never read: vLLM's sliding-window manager may already have given their blocks to other requests.
     Returns fp32 [T, Hq, D].
     """
     t, hq, d = query.shape
@@ -138,13 +141,14 @@ def paged_attention(query, cache, block_table, seq_lens, query_start_loc, layout
         if q1 == q0:
             continue
         s = int(seq_lens[b])
-        k, v = gather_kv(cache, block_table[b], s, layout)
+        start = max(0, s - (q1 - q0) - sliding_window + 1) if sliding_window else 0
+        k, v = gather_kv(cache, block_table[b], s, layout, start)
         k = k.repeat_interleave(hq // h, dim=1)
         v = v.repeat_interleave(hq // h, dim=1)
         q = query[q0:q1].float()
         logits = torch.einsum("qhd,khd->hqk", q, k) * scale
         qpos = torch.arange(s - (q1 - q0), s, device=query.device)
-        kpos = torch.arange(s, device=query.device)
+        kpos = torch.arange(start, s, device=query.device)
         mask = kpos[None, :] > qpos[:, None]
         if sliding_window is not None:
             mask |= kpos[None, :] <= qpos[:, None] - sliding_window

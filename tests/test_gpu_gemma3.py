@@ -1,0 +1,55 @@
+"""GPU: a Gemma 3 W4A8KV4 checkpoint through vLLM on the GPU (fp16, compiled mode with CUDA graphs: the CUDA GEMMs,
+fused quantizers incl. gelu_tanh_mul_quant, the KV4 decode kernel with sliding windows and the windowed prefill)
+generates greedily what the CPU reference path (vllm_qserve.evaluate.load_sim_model: the quantizer's PyTorch model
+with QServe's numerics and simulated KV4) predicts, for 64 tokens.
+
+Checkpoint: $QSERVE_GEMMA3_CKPT (e.g. a Gemma-3-270M QoQ checkpoint quantized on CPU and copied over), else a tiny
+random Gemma 3 (RTN, sliding window 16, head_dim 256).  A step where the GPU's token is not the reference's argmax
+must be a near tie under the reference (gap < tol nats), after which the sequences may diverge, and at least 16
+steps must have been compared.
+"""
+
+import os
+
+import pytest
+import torch
+
+from tests.test_vllm_cpu_e2e import run_vllm
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]
+TOL = 0.6  # nats: KV4 + int8 activation-code flips between fp16 GPU and fp32 CPU arithmetic
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = os.environ.get("QSERVE_GEMMA3_CKPT")
+    if path:
+        return path
+    from vllm_qserve.convert.fixture import make_gemma3_fixture_checkpoint
+
+    return make_gemma3_fixture_checkpoint(str(tmp_path_factory.mktemp("gemma3-gpu")), group_size=128, kv_bits=4)[0]
+
+
+def test_gemma3_gpu_greedy_equals_cpu_reference(ckpt):
+    from vllm_qserve.evaluate import load_sim_model
+
+    sim, _ = load_sim_model(ckpt)
+    vocab = sim.lm_head.weight.shape[0]
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, min(vocab, 30000), (n,), generator=g).tolist() for n in (12, 40, 90)]
+    out = run_vllm(model=ckpt, prompts=prompts, max_tokens=64, dtype="float16", enforce_eager=False,
+                   engine_kwargs={"block_size": 16})
+    compared = 0
+    for p, r in zip(prompts, out["generations"]):
+        with torch.no_grad():
+            logp = torch.log_softmax(sim(torch.tensor([p + r["token_ids"]])).double()[0], -1)
+        for step, tok in enumerate(r["token_ids"]):
+            pos = len(p) + step - 1
+            best = int(logp[pos].argmax())
+            if tok != best:
+                gap = float(logp[pos, best] - logp[pos, tok])
+                assert gap < TOL, f"step {step}: GPU token {tok}, reference {best}, gap {gap:.3f} nats (no tie)"
+                break
+            compared += 1
+    print(f"{compared} greedy steps equal to the CPU reference")
+    assert compared >= 16
