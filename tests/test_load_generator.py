@@ -204,3 +204,41 @@ def test_near_tie_rule():
     assert compare_choice(greedy, a, a[:1], "", "", 0.3)[0] == "differs"  # one token short
     assert compare_choice(greedy, None, None, "x", "y", 0.3)[0] == "differs"  # no token data: the text decides
     assert compare_choice(greedy, a, run(a[0], ("t:3", -2.5, {})), "", "", 0.3)[0] == "differs"
+
+
+# --- the step throttle the fault test relies on (tests/step_throttle.py) ---------------------------------------
+
+def test_step_throttle_follows_the_batch_and_sleeps_only_for_requests_that_ask():
+    import time
+
+    import torch
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from tests.step_throttle import StepThrottle
+
+    def update(size, removed=(), added=(), moved=()):
+        return BatchUpdate(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+    slow, plain = SamplingParams(extra_args={"step_delay_ms": 30}), SamplingParams()
+    t = StepThrottle(None, "cpu", False)
+    assert not t.is_argmax_invariant(), "vLLM would skip apply() on greedy batches"
+    logits = torch.randn(3, 7)
+    before = logits.clone()
+    t.update_state(update(2, added=[(0, plain, [1], []), (1, slow, [2], [])]))
+    assert t.delay_s_by_index == {1: 0.03}
+    t0 = time.perf_counter()
+    assert t.apply(logits) is logits and torch.equal(logits, before)
+    assert time.perf_counter() - t0 >= 0.03
+    t.update_state(update(2, moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert t.delay_s_by_index == {0: 0.03}
+    t.update_state(update(2, moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))  # the plain one replaces it
+    assert t.delay_s_by_index == {}
+    t.update_state(update(1, added=[(0, slow, [3], [])]))
+    t.update_state(update(0, removed=[0]))
+    assert t.delay_s_by_index == {}
+    t0 = time.perf_counter()
+    t.apply(logits)
+    assert time.perf_counter() - t0 < 0.02, "slept with no throttled request in the batch"
+    with pytest.raises(ValueError, match="step_delay_ms"):
+        StepThrottle.validate_params(SamplingParams(extra_args={"step_delay_ms": "fast"}))

@@ -40,10 +40,11 @@ pytestmark = pytest.mark.slow
 
 ON_GPU = torch.cuda.is_available()
 MAX_NUM_SEQS = 8  # small, so that a few long streams fill the server and later requests queue
-LONG_CONTEXT = 4096  # the fault server's max_model_len: its long streams (~20 s on 2 CPU cores) outlive the
-#                    steps of the fault test (~1 s) with a margin for a busy machine
+LONG_CONTEXT = 4096  # the fault server's max_model_len, and about the length of the fault test's long streams
+STEP_DELAY_MS = 20  # a floor on the long streams' step time (tests/step_throttle.py): they live >= 80 s on any
+#                     machine, far longer than the fault test's stages (a few seconds), and are aborted anyway
 RUNNING, WAITING, KV_USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
-PREEMPTIONS = "vllm:num_preemptions_total"
+PREEMPTIONS, GENERATED = "vllm:num_preemptions_total", "vllm:generation_tokens_total"
 
 
 def _copy_with_config(src: str, dst, **changes) -> str:
@@ -90,8 +91,10 @@ def server(fixture_ckpt, tmp_path_factory):
     model = _copy_with_config(fixture_ckpt(group_size=128)[0], tmp / "ckpt", max_position_embeddings=LONG_CONTEXT)
     # max_num_batched_tokens = max_model_len: the least vLLM accepts without chunked prefill (CPU), and the size of
     # the start-up warm-up batch
+    # the step throttle only slows requests that ask for it (the fault test's long streams)
     srv = VllmServer(model, tmp / "server.log", ["--max-model-len", str(LONG_CONTEXT), "--max-num-seqs",
                                                  str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(LONG_CONTEXT),
+                                                 "--logits-processors", "tests.step_throttle:StepThrottle",
                                                  *platform_server_args()])
     yield srv
     srv.kill()
@@ -210,7 +213,7 @@ def _raw_stream(server, prompt: str, max_tokens: int) -> socket.socket:
     """A streaming request over a bare socket, read until its first token event: closed later with a TCP reset
     (SO_LINGER 0), the way a crashed client or a dropped network disappears."""
     body = json.dumps({"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "ignore_eos": True}).encode()
+                       "stream": True, "ignore_eos": True, "vllm_xargs": {"step_delay_ms": STEP_DELAY_MS}}).encode()
     s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -250,7 +253,8 @@ def test_disconnects_and_queued_aborts_free_the_kv_cache(server, before_faults):
                    for i in range(2)]
         sockets_and_streams = await asyncio.gather(*sockets, *[
             client.completions.create(model=server.model_name, prompt=f"Long stream {i}: Hello world", stream=True,
-                                      max_tokens=long_tokens, temperature=0, extra_body={"ignore_eos": True})
+                                      max_tokens=long_tokens, temperature=0,
+                                      extra_body={"ignore_eos": True, "vllm_xargs": {"step_delay_ms": STEP_DELAY_MS}})
             for i in range(MAX_NUM_SEQS - len(sockets))])
         sockets, streams = sockets_and_streams[:2], sockets_and_streams[2:]
         for s in streams:  # every stream has produced tokens: it is running, mid-stream
@@ -259,7 +263,14 @@ def test_disconnects_and_queued_aborts_free_the_kv_cache(server, before_faults):
                     assert chunk.choices[0].finish_reason is None
                     break
         full = lambda m: m[RUNNING] == MAX_NUM_SEQS  # noqa: E731
-        await asyncio.to_thread(wait_for, server, full, f"{MAX_NUM_SEQS} running streams")
+        m0 = await asyncio.to_thread(wait_for, server, full, f"{MAX_NUM_SEQS} running streams")
+        # the step throttle is in effect (else this test's timing would depend on the machine again)
+        t0 = time.time()
+        await asyncio.sleep(1.0)
+        m1 = server.metrics()
+        rate = (m1[GENERATED] - m0[GENERATED]) / (time.time() - t0)
+        assert rate <= 1.25 * MAX_NUM_SEQS * 1000 / STEP_DELAY_MS, (
+            f"{rate:.0f} tokens/s: the streams are not throttled (tests/step_throttle.py not loaded by the server?)")
         queued = [asyncio.create_task(client.completions.create(model=server.model_name, prompt=f"Queued {i}",
                                                                 max_tokens=8, temperature=0)) for i in range(4)]
         await asyncio.to_thread(wait_for, server, lambda m: full(m) and m[WAITING] == 4, "4 queued requests")
@@ -282,8 +293,8 @@ def test_disconnects_and_queued_aborts_free_the_kv_cache(server, before_faults):
         _reset(s)
     end = wait_for(server, is_idle(idle_usage), "reset streams aborted and the KV cache back to its idle usage")
     assert finished(end) == finished(start), (
-        f"{finished(end) - finished(start):.0f} of the aborted requests ran to their end instead: the streams were "
-        f"too short for this machine's speed, or the aborts did not reach the engine")
+        f"{finished(end) - finished(start):.0f} of the aborted requests ran to their end instead: the aborts did not "
+        f"reach the engine")
     assert server.healthy()
 
 

