@@ -321,3 +321,47 @@ class _Marker:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
+
+
+# --- key centres (quantize --key-center; vllm_qserve/attention/key_center_method.py) ---------------------------
+
+def _with_key_centers(fixture_ckpt, tmp_path, edit=None, declare=True):
+    src, _, _ = fixture_ckpt(group_size=-1)
+    d = _copy(src, tmp_path / "centred")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    n = cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"])
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    for i in range(cfg["num_hidden_layers"]):
+        tensors[f"model.layers.{i}.self_attn.attn.k_center"] = torch.randn(n)
+    if edit:
+        edit(tensors)
+    save_file(tensors, path)
+    if declare:
+        cfg["quantization_config"]["key_center"] = True
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return d
+
+
+def test_key_centers_declared_and_present_pass(fixture_ckpt, tmp_path):
+    _inspect(_with_key_centers(fixture_ckpt, tmp_path))
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("undeclared", "does not declare key_center"),
+    ("missing", "missing model.layers.1.self_attn.attn.k_center"),
+    ("shape", "a key centre is a float"),
+])
+def test_bad_key_centers(fixture_ckpt, tmp_path, case, fragment):
+    edits = {"missing": lambda t: t.pop("model.layers.1.self_attn.attn.k_center"),
+             "shape": lambda t: t.update({"model.layers.0.self_attn.attn.k_center": torch.zeros(3)})}
+    d = _with_key_centers(fixture_ckpt, tmp_path, edits.get(case), declare=case != "undeclared")
+    with pytest.raises(CheckpointError, match=fragment):
+        _inspect(d)
+
+
+def test_gpu_kernels_refuse_key_centred_layers_with_the_reason():
+    from vllm_qserve.attention.kernels import CudaKVKernel, KVSpec
+
+    ok, why = CudaKVKernel.can_implement(KVSpec(8, 2, 128, 4, torch.float16, "cuda", key_center=True))
+    assert not ok and "centres its keys" in why and "--kv-cache-dtype float16" in why

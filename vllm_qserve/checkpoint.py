@@ -270,3 +270,32 @@ def validate_tensors(info: CheckpointInfo, hf_config) -> None:
                 if tuple(meta.shape) != tuple(shape):
                     raise CheckpointError(f"tensor {name} has shape {list(meta.shape)}, expected {list(shape)} "
                                           f"for a projection of {n} outputs x {k} inputs")
+    validate_key_centers(info, hf_config)
+
+
+KEY_CENTER = "self_attn.attn.k_center"
+
+
+def validate_key_centers(info: CheckpointInfo, hf_config) -> None:
+    """A checkpoint that declares key_center (attention/key_center_method.py) has one fp [Hkv * D] centre per layer;
+    centres without the declaration would reach vLLM's loader as unknown tensors."""
+    qcfg = getattr(hf_config, "quantization_config", None)
+    declared = bool(qcfg.get("key_center")) if isinstance(qcfg, dict) else False
+    present = sorted(k for k in info.tensors if k.endswith("." + KEY_CENTER))
+    if present and not declared:
+        raise CheckpointError(f"checkpoint has key centres ({present[0]}, ...) but its quantization_config does not "
+                              f"declare key_center: true")
+    if not declared:
+        return
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    for layer in range(hf_config.num_hidden_layers):
+        name = f"model.layers.{layer}.{KEY_CENTER}"
+        meta = info.tensors.get(name)
+        if meta is None:
+            raise CheckpointError(f"quantization_config declares key_center but the checkpoint is missing {name}")
+        floats = (torch.float16, torch.bfloat16, torch.float32)
+        if meta.dtype not in floats or tuple(meta.shape) != (kv_heads * head_dim,):
+            raise CheckpointError(f"tensor {name} is {meta.dtype} {list(meta.shape)}; a key centre is a float "
+                                  f"[{kv_heads * head_dim}] (num_key_value_heads x head_dim)")

@@ -135,6 +135,11 @@ def _cmd_quantize(args) -> int:
     overrides = {}
     for step in args.skip or ():
         overrides[_SKIPPABLE[step]] = False
+    if args.key_center:
+        if args.method != "qoq":
+            print("error: --key-center needs --method qoq (it calibrates the key centres)", file=sys.stderr)
+            return 2
+        overrides["key_center"] = True
     quantize_model_dir(args.model, args.output, weight_bits=args.weight_bits, group_size=args.group_size,
                        kv_bits=args.kv_bits, method=args.method, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seq_len=args.calib_seq_len, device=args.device, seed=args.seed, fmt=args.format,
@@ -239,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip", action="append", choices=sorted(_SKIPPABLE), metavar="STEP",
                    help=f"switch a QoQ step off (repeatable): {', '.join(sorted(_SKIPPABLE))}")
+    q.add_argument("--key-center", action="store_true",
+                   help="store each layer's mean pre-RoPE key; the KV4/KV8 cache then holds RoPE(k - m) (exact; "
+                        "fixes 4-bit keys of models with constant key channels such as Qwen2.5, docs/accuracy.md). "
+                        "Llama/Qwen2/Mistral; served by the PyTorch KV path (CPU) until the CUDA decode kernel "
+                        "supports it")
     q.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
     q.set_defaults(func=_cmd_quantize)
 

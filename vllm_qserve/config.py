@@ -25,7 +25,7 @@ QUANT_METHOD_NAMES = ("qserve", "qoq")
 
 class QServeConfig(QuantizationConfig):
     def __init__(self, weight_bits: int | None = None, group_size: int | None = None, kv_bits: int = 16,
-                 modules_to_not_convert: list[str] | None = None):
+                 modules_to_not_convert: list[str] | None = None, key_center: bool = False):
         super().__init__()
         if weight_bits is not None and weight_bits not in (4, 8):
             raise ValueError(f"qserve: weight_bits must be 4 or 8, got {weight_bits}")
@@ -35,11 +35,12 @@ class QServeConfig(QuantizationConfig):
         self.group_size = None if group_size is None else check_group_size(group_size, weight_bits or 4)
         self.kv_bits = kv_bits
         self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.key_center = bool(key_center)  # attention layers carry k_center (attention/key_center_method.py)
         self.dummy_weights = False
 
     def __repr__(self) -> str:
         return (f"QServeConfig(weight_bits={self.weight_bits}, group_size={self.group_size}, "
-                f"kv_bits={self.kv_bits})")
+                f"kv_bits={self.kv_bits}, key_center={self.key_center})")
 
     # --- vLLM interface ---------------------------------------------------------------------------------------
     def get_name(self) -> str:
@@ -71,7 +72,8 @@ class QServeConfig(QuantizationConfig):
         group_size = cls.get_from_keys_or(config, ["group_size", "q_group_size"], None)
         return cls(weight_bits=None if weight_bits is None else int(weight_bits),
                    group_size=group_size, kv_bits=int(kv_bits),
-                   modules_to_not_convert=config.get("modules_to_not_convert"))
+                   modules_to_not_convert=config.get("modules_to_not_convert"),
+                   key_center=bool(config.get("key_center", False)))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
@@ -88,6 +90,13 @@ class QServeConfig(QuantizationConfig):
 
             install_pass_manager_hook()  # compiled graphs of this model get the fused norm/SiLU quantizers
             return QServeLinearMethod(self, prefix)
+        if self.key_center:
+            from vllm.model_executor.layers.attention.attention import Attention
+
+            if isinstance(layer, Attention):
+                from vllm_qserve.attention.key_center_method import QServeKeyCenterMethod
+
+                return QServeKeyCenterMethod(self)
         return None
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):

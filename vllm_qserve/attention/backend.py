@@ -34,6 +34,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_qserve.attention import KV_CACHE_DTYPE_BITS
 from vllm_qserve.attention.kernels import KVSpec, choose_kv_kernel
+from vllm_qserve.reference.key_center import token_positions
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -209,18 +210,28 @@ class QServeKVImpl(AttentionImpl):
         self.attn_type = attn_type
         self.kernel = None
 
-    def _kernel(self, x: torch.Tensor):
+    def _kernel(self, x: torch.Tensor, layer):
         if self.kernel is None:
-            spec = KVSpec(self.num_heads, self.num_kv_heads, self.head_size, self.bits, x.dtype, x.device.type)
+            center = key_center_of(layer)
+            spec = KVSpec(self.num_heads, self.num_kv_heads, self.head_size, self.bits, x.dtype, x.device.type,
+                          key_center=center is not None)
             self.kernel = choose_kv_kernel(spec)
-            logger.info_once("qserve KV cache: %d-bit per token and head (fp16 scale + zero), kernel %s",
-                             self.bits, self.kernel.name)
+            logger.info_once("qserve KV cache: %d-bit per token and head (fp16 scale + zero)%s, kernel %s",
+                             self.bits, ", centred keys" if center is not None else "", self.kernel.name)
         return self.kernel
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         if self.kv_sharing_target_layer_name is not None:
             return
-        self._kernel(key).write(key, value, kv_cache, slot_mapping)
+        kernel, center, offset = self._kernel(key, layer), key_center_of(layer), None
+        if center is not None:
+            from vllm.model_executor.layers.attention.attention import get_attention_context
+
+            md = get_attention_context(layer.layer_name)[0]
+            if md is not None:  # (None: the profiling run, whose cache contents are never read)
+                t = slot_mapping.shape[0]
+                offset = center.offset(token_positions(md.query_start_loc, md.seq_lens, t)).to(key.device)
+        kernel.write(key, value, kv_cache, slot_mapping, key_offset=offset)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -230,5 +241,11 @@ class QServeKVImpl(AttentionImpl):
             return output.fill_(0)
         q = query.view(-1, self.num_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
-        self._kernel(q).attend(q, kv_cache, attn_metadata, self.scale, out, self.sliding_window)
+        self._kernel(q, layer).attend(q, kv_cache, attn_metadata, self.scale, out, self.sliding_window,
+                                      key_center=key_center_of(layer))
         return output
+
+
+def key_center_of(layer):
+    """The layer's KeyCenter (set by the qserve key-centre method after loading a key-centred checkpoint)."""
+    return getattr(layer, "qserve_key_center", None)

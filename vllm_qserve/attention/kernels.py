@@ -22,6 +22,7 @@ class KVSpec:
     bits: int
     dtype: torch.dtype
     device_type: str
+    key_center: bool = False  # the checkpoint centres this layer's keys (reference/key_center.py)
 
 
 class QServeKVKernel:
@@ -44,12 +45,15 @@ class QServeKVKernel:
                              f"got {tuple(kv_cache.shape)}")
         return KVCacheLayout(s.num_kv_heads, s.head_size, page // per_token, s.bits)
 
-    def write(self, key, value, kv_cache, slot_mapping) -> None:
+    def write(self, key, value, kv_cache, slot_mapping, key_offset=None) -> None:
+        """key_offset [T, Hkv, D]: subtracted from the keys before quantization (key centring)."""
         raise NotImplementedError
 
-    def attend(self, query, kv_cache, md, scale: float, output, sliding_window: int | None = None) -> None:
+    def attend(self, query, kv_cache, md, scale: float, output, sliding_window: int | None = None,
+               key_center=None) -> None:
         """query [T, Hq, D] (T = md.num_actual_tokens) -> output [T, Hq, D].  sliding_window W: a token attends
-        to itself and the W - 1 positions before it; older pages are never read."""
+        to itself and the W - 1 positions before it; older pages are never read.  key_center: the KeyCenter whose
+        R_p m is added back to the dequantized keys."""
         raise NotImplementedError
 
 
@@ -63,16 +67,18 @@ class TorchKVKernel(QServeKVKernel):
                            "it serves CPUs only")
         return True, None
 
-    def write(self, key, value, kv_cache, slot_mapping):
+    def write(self, key, value, kv_cache, slot_mapping, key_offset=None):
         cache = kv_cache.view(torch.uint8)
         t = slot_mapping.shape[0]
-        write_kv_cache(key[:t], value[:t], cache, slot_mapping, self.layout(cache))
+        write_kv_cache(key[:t], value[:t], cache, slot_mapping, self.layout(cache),
+                       key_offset=None if key_offset is None else key_offset[:t])
 
-    def attend(self, query, kv_cache, md, scale, output, sliding_window=None):
+    def attend(self, query, kv_cache, md, scale, output, sliding_window=None, key_center=None):
         cache = kv_cache.view(torch.uint8)
         t = md.num_actual_tokens
         out = paged_attention(query[:t], cache, md.block_table, md.seq_lens, md.query_start_loc,
-                              self.layout(cache), softmax_scale=scale, sliding_window=sliding_window)
+                              self.layout(cache), softmax_scale=scale, sliding_window=sliding_window,
+                              key_center=key_center)
         output[:t].copy_(out.to(output.dtype))
 
 
@@ -87,6 +93,10 @@ class CudaKVKernel(QServeKVKernel):
     def can_implement(cls, spec):
         if spec.device_type != "cuda":
             return False, f"device is {spec.device_type}, not cuda"
+        if spec.key_center:
+            return False, ("the checkpoint centres its keys (k_center tensors), and the CUDA decode kernel does not "
+                           "add the centre back yet: serve it with --kv-cache-dtype float16/bfloat16, or quantize "
+                           "without --key-center")
         from vllm_qserve.ops import cuda_ops_available
 
         ok, why = cuda_ops_available()
@@ -110,10 +120,14 @@ class CudaKVKernel(QServeKVKernel):
         self._flash_attn_varlen = flash_attn_varlen_func
         self._fa_version = get_flash_attn_version()
 
-    def write(self, key, value, kv_cache, slot_mapping):
+    def write(self, key, value, kv_cache, slot_mapping, key_offset=None):
+        if key_offset is not None:  # can_implement refuses key-centred layers; never drop a centre silently
+            raise NotImplementedError("qserve: the CUDA KV kernels do not centre keys")
         torch.ops.qserve.kv_cache_write(key, value, kv_cache, slot_mapping, self.spec.num_kv_heads, self.spec.bits)
 
-    def attend(self, query, kv_cache, md, scale, output, sliding_window=None):
+    def attend(self, query, kv_cache, md, scale, output, sliding_window=None, key_center=None):
+        if key_center is not None:
+            raise NotImplementedError("qserve: the CUDA KV kernels do not centre keys")
         s = self.spec
         nd = md.num_decodes
         if nd:

@@ -150,7 +150,8 @@ def check_tensor_names(tensors: dict, cfg: dict, weight_bits: int, group_size: i
         for proj in PROJECTIONS:
             expected |= {f"model.layers.{i}.{proj}.{s}" for s in expected_tensors(1, GROUP_K, weight_bits, group_size)}
     biases = {k for k in tensors if k.endswith("_proj.bias")}
-    stray = sorted(set(tensors) - expected - biases)
+    centers = {f"model.layers.{i}.self_attn.attn.k_center" for i in range(a.num_layers)} & set(tensors)
+    stray = sorted(set(tensors) - expected - biases - centers)
     missing = sorted(expected - set(tensors))
     if stray or missing:
         raise RuntimeError(f"internal error: checkpoint tensors do not match the format (stray: {stray[:4]}, "
@@ -238,7 +239,8 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
             log["qoq"] = {k: v for k, v in asdict(opts).items() if k != "log"}
             log["layers"] = opts.log.get("layers")
         if method != "none":
-            inspect_checkpoint(out_dir, _config_object(cfg))
+            with open(os.path.join(out_dir, "config.json")) as f:
+                inspect_checkpoint(out_dir, _config_object(json.load(f)))  # as vLLM will read it
         log["seconds"] = round(time.perf_counter() - t0, 1)
         with open(os.path.join(out_dir, "quantize_log.json"), "w") as f:
             json.dump(log, f, indent=1)

@@ -53,6 +53,7 @@ class QoQOptions:
     rotate: bool = True
     rotate_heads: bool = True
     smooth_attention: bool = True
+    key_center: bool = False  # store each layer's mean pre-RoPE key; KV4 caches RoPE(k - m) (reference/key_center.py)
     smooth_attention_alpha: float | None = None  # None: searched per layer (SMOOTH_ATTENTION_ALPHAS)
     smooth_v_o: bool = True
     smooth_up_down: bool = True
@@ -93,6 +94,13 @@ class _Observer:
             self._hooks.append(mod.register_forward_pre_hook(self._input_hook(name)))
         layer.self_attn.qk_observer = self._qk_observer
         self.q_samples, self.k_samples = [], []
+        self.key_sum, self.key_count = None, 0  # pre-RoPE keys (k_proj output, bias included): their mean
+        self._hooks.append(layer.self_attn.k_proj.register_forward_hook(self._key_hook))
+
+    def _key_hook(self, _mod, _args, out):
+        k = out.detach().reshape(-1, out.shape[-1]).double()
+        self.key_sum = k.sum(0) if self.key_sum is None else self.key_sum + k.sum(0)
+        self.key_count += k.shape[0]
 
     def _input_hook(self, name):
         def hook(_mod, args):
@@ -287,6 +295,16 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
         # smoothed into the norm gains instead
         opts.rotate = False
         opts.log["rotate"] = "skipped: the residual rotation is not exact for Gemma's sandwich norms"
+    if opts.key_center:
+        if a.gemma:
+            raise ValueError("--key-center: Gemma 3 applies QK-norm before RoPE and two RoPE tables; key centring "
+                             "is supported for Llama, Qwen2 and Mistral")
+        if opts.kv_bits >= 16:
+            raise ValueError("--key-center only matters for a quantized KV cache (--kv-bits 4 or 8)")
+        if opts.smooth_attention:
+            # measured (docs/accuracy.md): centring alone beats centring + SmoothAttention on Qwen2.5 and SmolLM2
+            opts.smooth_attention = False
+            opts.log["smooth_attention"] = "skipped: key centring takes the outlier key channels away instead"
     smooth_inputs = (not opts.rotate) if opts.smooth_inputs is None else opts.smooth_inputs
     opts.smooth_inputs = smooth_inputs
     if opts.rotate:
@@ -301,7 +319,9 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
     g = torch.Generator().manual_seed(opts.seed)
     n_sample = min(opts.search_tokens, s * length)
     sample_idx = torch.randperm(s * length, generator=g)[:n_sample].to(calib.device)
-    kv_hook = kv_fake_quant(opts.kv_bits) if opts.kv_bits < 16 else None
+    key_centers: dict = {}
+    kv_hook = kv_fake_quant(opts.kv_bits, key_centers if opts.key_center else None, model.rope) \
+        if opts.kv_bits < 16 else None
     tensors: dict = {}
     log = opts.log.setdefault("layers", [])
     for i, layer in enumerate(tqdm(model.layers, desc="QoQ layers", unit="layer")):
@@ -312,6 +332,11 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
         obs.close()
         hess = {k: v.h for k, v in obs.hess.items()}
         samples, absmax = obs.samples, obs.absmax
+        if opts.key_center:
+            m = (obs.key_sum / obs.key_count).float().view(a.num_kv_heads, a.head_dim)
+            key_centers[i] = m
+            tensors[f"{prefix}.self_attn.attn.k_center"] = m.reshape(-1).cpu()
+            entry["key_center_absmax"] = float(m.abs().max())
 
         if opts.smooth_attention and obs.key_absmax is not None:
             # Gemma: lambda lives in the QK-norm gains, which all heads share

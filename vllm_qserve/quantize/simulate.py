@@ -22,6 +22,7 @@ from vllm_qserve.reference.gemm import (
     dequantize_w4_per_channel,
     dequantize_w4_per_group,
 )
+from vllm_qserve.reference.key_center import rope_offset
 from vllm_qserve.reference.kv import dequantize_kv, quantize_kv
 
 
@@ -82,15 +83,25 @@ def sim_linear_from_tensors(t: dict, bias, dtype, act_bits: int | None = 8) -> Q
                            None if szeros is None else szeros.to(dtype), act_bits)
 
 
-def kv_fake_quant(bits: int):
-    """KV hook: keys (after RoPE) and values quantized per token and KV head, then dequantized."""
+def kv_fake_quant(bits: int, key_centers: dict | None = None, rope=None):
+    """KV hook: keys (after RoPE) and values quantized per token and KV head, then dequantized.
 
-    def hook(_layer_index, k, v):
-        def fq(x):
-            codes, scale, zero = quantize_kv(x, bits)
-            return dequantize_kv(codes, scale, zero).to(x.dtype)
+    key_centers {layer index: mean pre-RoPE key [Hkv, D]} with rope (the model's ``rope(positions, dtype)``): those
+    layers cache RoPE_p(k - m) and add R_p m back (reference/key_center.py), as the qserve backend does.  The hook
+    sees whole sequences from position 0 (calibration and evaluation windows)."""
 
-        return fq(k), fq(v)
+    def fq(x):
+        codes, scale, zero = quantize_kv(x, bits)
+        return dequantize_kv(codes, scale, zero).to(x.dtype)
+
+    def hook(layer_index, k, v):
+        if key_centers is None or layer_index not in key_centers:
+            return fq(k), fq(v)
+        t, d = k.shape[2], k.shape[3]
+        cos, sin = rope(torch.arange(t, device=k.device)[None], torch.float32)  # [1, T, D], halves repeated
+        off = rope_offset(key_centers[layer_index].to(k.device), cos[0, :, : d // 2], sin[0, :, : d // 2])
+        off = off.permute(1, 0, 2)[None].to(k.dtype)  # [1, Hkv, T, D]
+        return fq(k - off) + off, fq(v)
 
     return hook
 

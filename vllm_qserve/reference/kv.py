@@ -88,12 +88,15 @@ class KVCacheLayout:
         return data, scale, zero
 
 
-def write_kv_cache(key, value, cache, slot_mapping, layout: KVCacheLayout) -> None:
-    """Quantize key/value [T, H, D] and scatter them to slots (block * block_size + offset); slot -1 is skipped."""
+def write_kv_cache(key, value, cache, slot_mapping, layout: KVCacheLayout, key_offset=None) -> None:
+    """Quantize key/value [T, H, D] and scatter them to slots (block * block_size + offset); slot -1 is skipped.
+    key_offset [T, H, D] (key centring, reference/key_center.py): subtracted from the keys before quantization."""
     data, scale, zero = layout.views(cache)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blk, off = slots // layout.block_size, slots % layout.block_size
+    if key_offset is not None:
+        key = (key.float() - key_offset.float()).to(key.dtype)
     for kv_idx, x in enumerate((key, value)):
         codes, s, z = quantize_kv(x[valid], layout.bits)  # [t, H, D], [t, H]
         if layout.bits == 4:
@@ -120,7 +123,8 @@ def gather_kv(cache, block_table_row, seq_len: int, layout: KVCacheLayout, start
 
 
 def paged_attention(query, cache, block_table, seq_lens, query_start_loc, layout: KVCacheLayout,
-                    softmax_scale: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, sliding_window: int | None = None,
+                    key_center=None) -> torch.Tensor:
     """Causal attention of new tokens over a paged quantized cache that already holds them.
 
     query [T, Hq, D]; block_table [B, max_blocks]; seq_lens [B] (context + new tokens); query_start_loc [B+1].
@@ -128,7 +132,8 @@ def paged_attention(query, cache, block_table, seq_lens, query_start_loc, layout
     sliding_window W: the token at position p attends to positions p - W + 1 .. p (vLLM's and FlashAttention's
     window_size = (W - 1, 0), transformers' ``q - k < W``).  Positions older than the first query's window are
     never read: vLLM's sliding-window manager may already have given their blocks to other requests.
-    Returns fp32 [T, Hq, D].
+    key_center (reference/key_center.KeyCenter): the cache holds centred keys; R_p m is added back after
+    dequantization.  Returns fp32 [T, Hq, D].
     """
     t, hq, d = query.shape
     h = layout.num_kv_heads
@@ -143,6 +148,8 @@ def paged_attention(query, cache, block_table, seq_lens, query_start_loc, layout
         s = int(seq_lens[b])
         start = max(0, s - (q1 - q0) - sliding_window + 1) if sliding_window else 0
         k, v = gather_kv(cache, block_table[b], s, layout, start)
+        if key_center is not None:
+            k = k + key_center.offset(torch.arange(start, s, device=k.device)).to(k.device)
         k = k.repeat_interleave(hq // h, dim=1)
         v = v.repeat_interleave(hq // h, dim=1)
         q = query[q0:q1].float()
