@@ -31,6 +31,7 @@ ROWS = {
     "rtn_w4a8": ("rtn_w4a8kv4", ["--method", "rtn", "--kv-bits", "4"], ["--kv-bits", "16"], "RTN W4A8 (16-bit KV)"),
     "qoq_w4a8kv4": ("qoq_w4a8kv4", ["--kv-bits", "4"], [], "QoQ W4A8KV4"),
     "qoq_w4a8": ("qoq_w4a8kv4", ["--kv-bits", "4"], ["--kv-bits", "16"], "QoQ W4A8 (16-bit KV)"),
+    "qoq_kc_w4a8kv4": ("qoq_kc_w4a8kv4", ["--kv-bits", "4", "--key-center"], [], "QoQ W4A8KV4, centred keys"),
     "qoq_w8a8kv4": ("qoq_w8a8kv4", ["--weight-bits", "8", "--kv-bits", "4"], [], "QoQ W8A8KV4"),
     "qoq_w8a8": ("qoq_w8a8kv4", ["--weight-bits", "8", "--kv-bits", "4"], ["--kv-bits", "16"],
                  "QoQ W8A8 (16-bit KV)"),

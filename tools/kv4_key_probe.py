@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--hadamard", action="store_true", help="also the Hadamard-rotated keys (no better: see "
                     "docs/accuracy.md)")
     ap.add_argument("--skip-baselines", action="store_true", help="only the mean-removed variants")
+    ap.add_argument("--only-pairs", action="store_true", help="only the top-pairs variants")
+    ap.add_argument("--pairs", default="4,8", help="centre only each KV head's N largest RoPE pairs (comma list)")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -99,20 +101,31 @@ def main() -> None:
             return fake_kv4(k - rm) + rm, (fake_kv4(v) if quant_values else v)
         return hook
 
-    def ppl(name, hook, alpha=None, remove_mean=False, quant_values=False):
+    def top_pairs(means, k):
+        """The centres with only each KV head's k largest RoPE pairs kept (still exact: any m is)."""
+        out = {}
+        for i, m in means.items():
+            h, d = m.shape
+            mag = m[:, : d // 2].pow(2) + m[:, d // 2:].pow(2)
+            keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(1, mag.topk(min(k, d // 2), dim=1).indices, True)
+            out[i] = m * keep.repeat(1, 2)
+        return out
+
+    def ppl(name, hook, alpha=None, remove_mean=False, quant_values=False, pairs=None):
         m, _ = load_sim_model(args.checkpoint, 16, dtype=torch.float32)
         if alpha is not None:
             for i, layer in enumerate(m.layers):
                 T.smooth_attention(layer, T.smooth_attention_scale(key_absmax[i], alpha))
         if remove_mean:
-            hook = mean_removed(m, key_means(m), quant_values)
+            means = key_means(m)
+            hook = mean_removed(m, top_pairs(means, pairs) if pairs else means, quant_values)
         m.set_kv_hook(hook)
         nll, n = nll_torch(m, test)
         print(f"{name:<32} perplexity {math.exp(nll / n):.3f}", flush=True)
         del m
         gc.collect()
 
-    if not args.skip_baselines:
+    if not (args.skip_baselines or args.only_pairs):
         ppl("16-bit keys and values", lambda i, k, v: (k, v))
         ppl("4-bit keys", lambda i, k, v: (fake_kv4(k), v))
         ppl("4-bit values", lambda i, k, v: (k, fake_kv4(v)))
@@ -122,10 +135,13 @@ def main() -> None:
         ppl("4-bit keys, Hadamard", lambda i, k, v: (fake_kv4_rotated(k), v))
         for alpha in (float(a) for a in args.alphas.split(",")):
             ppl(f"4-bit keys, SA {alpha} + Hadamard", lambda i, k, v: (fake_kv4_rotated(k), v), alpha)
-    ppl("4-bit keys, mean removed", None, remove_mean=True)
-    for alpha in (float(a) for a in args.alphas.split(",")):
-        ppl(f"4-bit keys, SA {alpha} + mean removed", None, alpha, remove_mean=True)
-    ppl("4-bit keys and values, mean removed", None, remove_mean=True, quant_values=True)
+    if not args.only_pairs:
+        ppl("4-bit keys, mean removed", None, remove_mean=True)
+        for alpha in (float(a) for a in args.alphas.split(",")):
+            ppl(f"4-bit keys, SA {alpha} + mean removed", None, alpha, remove_mean=True)
+        ppl("4-bit keys and values, mean removed", None, remove_mean=True, quant_values=True)
+    for k in (int(x) for x in args.pairs.split(",") if x):
+        ppl(f"4-bit K and V, mean of top {k} pairs", None, remove_mean=True, quant_values=True, pairs=k)
     print("layer: max |key| / median channel max:",
           {i: f"{float(a.max()):.1f}/{float(a.amax(0).median()):.1f}" for i, a in sorted(key_absmax.items())})
 
