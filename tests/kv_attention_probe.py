@@ -18,7 +18,23 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def check_call(raw_k, raw_v, q, out, md, bits, block_size, num_kv_heads, scale):
+def rope_of_center(mean, theta, positions):
+    """RoPE_p(m) for a key centre m [H, D] (rotate-half, base theta), from its definition, in fp32 with the
+    rounding of vLLM's RoPE table (inv_freq, then position * inv_freq), so that a 4-bit code at a rounding
+    boundary falls the same way on both sides."""
+    import torch
+
+    d = mean.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    ang = torch.einsum("i,j->ij", positions.float(), inv)
+    c, sn = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    m1, m2 = mean.float()[None, :, : d // 2], mean.float()[None, :, d // 2:]
+    return torch.cat([m1 * c - m2 * sn, m2 * c + m1 * sn], -1)  # [n, H, D]
+
+
+def check_call(raw_k, raw_v, q, out, md, bits, block_size, num_kv_heads, scale, center=None):
+    """center: (mean pre-RoPE key [H, D], RoPE base) of a key-centred layer: the cache must hold
+    RoPE_p(k) - RoPE_p(m) in 4 bits and the attention add RoPE_p(m) back."""
     import torch
     import torch.nn.functional as F
 
@@ -36,7 +52,8 @@ def check_call(raw_k, raw_v, q, out, md, bits, block_size, num_kv_heads, scale):
         k = torch.stack([raw_k[int(x)] for x in slots]).cpu()  # [s, H, D]
         v = torch.stack([raw_v[int(x)] for x in slots]).cpu()
         k, v = k.float(), v.float()
-        kq = fake_quant_kv(k.transpose(0, 1), bits)  # per token and head: quantize over D
+        off = rope_of_center(center[0], center[1], pos) if center is not None else torch.zeros_like(k)
+        kq = fake_quant_kv((k - off).transpose(0, 1), bits) + off.transpose(0, 1)  # per token and head, over D
         vq = fake_quant_kv(v.transpose(0, 1), bits)
         qq = q[q0:q1].float().transpose(0, 1)  # [Hq, n, D]
         rep = qq.shape[0] // num_kv_heads
@@ -57,7 +74,10 @@ if __name__ == "__main__":
 
     raw = {}  # (layer, slot) -> (k, v): the unquantized values the engine asked to cache
     armed = [False]  # engine start-up (profiling, kernel warm-up, graph capture) runs on dummy metadata
-    results = {"calls": 0, "decode_calls": 0, "prefill_calls": 0, "worst": 0.0}
+    results = {"calls": 0, "decode_calls": 0, "prefill_calls": 0, "centred_calls": 0, "worst": 0.0}
+    with open(os.path.join(args["model"], "config.json")) as f:
+        cfg = json.load(f)
+    rope_theta = float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     orig_update, orig_forward = backend_mod.QServeKVImpl.do_kv_cache_update, backend_mod.QServeKVImpl.forward
 
     def update(self, layer, key, value, kv_cache, slot_mapping):
@@ -77,7 +97,10 @@ if __name__ == "__main__":
         t = md.num_actual_tokens
         q = query.view(-1, self.num_heads, self.head_size)[:t]
         out = output.view(-1, self.num_heads, self.head_size)[:t]
-        worst = check_call(raw_k, raw_v, q, out, md, self.bits, block_size, self.num_kv_heads, self.scale)
+        kc = getattr(layer, "qserve_key_center", None)
+        center = None if kc is None else (kc.mean.cpu(), rope_theta)
+        results["centred_calls"] += center is not None
+        worst = check_call(raw_k, raw_v, q, out, md, self.bits, block_size, self.num_kv_heads, self.scale, center)
         results["worst"] = max(results["worst"], worst)
         results["calls"] += 1
         results["decode_calls" if md.max_query_len == 1 else "prefill_calls"] += 1

@@ -176,3 +176,28 @@ def test_key_centred_checkpoint_through_vllm(outlier_workspace, tmp_path):
             out = model(ids).float().log_softmax(-1)
             kl[name] = float((ref.exp() * (ref - out)).sum(-1).mean())
     assert kl["centred"] < 0.5 * kl["plain"], kl
+
+
+@pytest.mark.slow
+def test_every_centred_attention_call_in_the_engine(outlier_workspace):
+    """Inside vLLM (CPU): every attention call of a key-centred checkpoint -- prompt chunks, continuations over
+    cached context, decodes, mixed batches -- equals SDPA over the raw keys the engine wrote, centred, fake-quantized
+    and un-centred by an independent RoPE of the centre (tests/kv_attention_probe.py); and a prefix-cache hit (blocks
+    of centred keys, reused) gives the same tokens and log-probabilities as the first run."""
+    from tests.test_kv_cache_e2e import PROBE_RTOL, run_probe
+    from tests.test_quantize_e2e import _quantize
+    from tests.test_vllm_cpu_e2e import run_vllm
+
+    ckpt = _quantize(outlier_workspace, "qoq-centred", "--group-size", "-1", "--key-center")
+    g = torch.Generator().manual_seed(3)
+    vocab = json.load(open(os.path.join(ckpt, "config.json")))["vocab_size"]
+    prompts = [torch.randint(3, vocab, (37 + 5 * i,), generator=g).tolist() for i in range(3)]
+    res = run_probe(model=ckpt, prompts=prompts, max_tokens=6, engine_kwargs={
+        "block_size": 32, "max_num_batched_tokens": 24, "enable_chunked_prefill": True})
+    assert res["prefill_calls"] >= 2 and res["decode_calls"] >= 2 * 5, res
+    assert res["centred_calls"] == res["calls"], res
+    assert res["worst"] < PROBE_RTOL, res
+
+    out = run_vllm(model=ckpt, prompts=prompts, max_tokens=12, logprobs=3, rounds=2,
+                   engine_kwargs={"enable_prefix_caching": True, "block_size": 16})
+    assert out["rounds"][0] == out["rounds"][1], "a prefix-cache hit changed the result"
