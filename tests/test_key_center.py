@@ -57,6 +57,7 @@ def test_token_positions_of_a_mixed_batch():
     seq_lens = torch.tensor([10, 3, 7])
     assert token_positions(qsl, seq_lens, 6).tolist() == [9, 0, 1, 2, 5, 6]
     assert token_positions(qsl, seq_lens, 4).tolist() == [9, 0, 1, 2]
+    assert token_positions(qsl, seq_lens, 8).tolist() == [9, 0, 1, 2, 5, 6, 0, 0]  # padded batch
 
 
 def _attention_error(center_keys: bool, constant: float, bits: int = 4) -> float:

@@ -273,7 +273,12 @@ def validate_tensors(info: CheckpointInfo, hf_config) -> None:
     validate_key_centers(info, hf_config)
 
 
-KEY_CENTER = "self_attn.attn.k_center"
+KEY_CENTER = "self_attn.attn.k_center"  # the mean pre-RoPE key of a layer (reference/key_center.py)
+
+
+def key_center_name(layer: int) -> str:
+    """Checkpoint name of layer's key centre: vLLM's attention module (self_attn.attn) plus .k_center."""
+    return f"model.layers.{layer}.{KEY_CENTER}"
 
 
 def validate_key_centers(info: CheckpointInfo, hf_config) -> None:
@@ -291,7 +296,7 @@ def validate_key_centers(info: CheckpointInfo, hf_config) -> None:
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     for layer in range(hf_config.num_hidden_layers):
-        name = f"model.layers.{layer}.{KEY_CENTER}"
+        name = key_center_name(layer)
         meta = info.tensors.get(name)
         if meta is None:
             raise CheckpointError(f"quantization_config declares key_center but the checkpoint is missing {name}")

@@ -156,9 +156,11 @@ def load_sim_model(model_dir: str, kv_bits: int | None = None, act_bits: int | N
     if kv_bits is None:
         kv_bits = int(qcfg.get("kv_bits", 16))
     if kv_bits < 16:
+        from vllm_qserve.checkpoint import key_center_name
+
         a = model.arch
-        centers = {i: tensors[f"model.layers.{i}.self_attn.attn.k_center"].float().view(a.num_kv_heads, a.head_dim)
-                   for i in range(a.num_layers) if f"model.layers.{i}.self_attn.attn.k_center" in tensors}
+        centers = {i: tensors[key_center_name(i)].float().view(a.num_kv_heads, a.head_dim)
+                   for i in range(a.num_layers) if key_center_name(i) in tensors}
         model.set_kv_hook(kv_fake_quant(kv_bits, centers or None, model.rope))
     return model, kv_bits
 

@@ -133,6 +133,7 @@ class QServeKVMetadata:
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     prefill: QServePrefillMetadata | None = None
+    token_positions: torch.Tensor | None = None  # filled on first use by key-centred layers
 
 
 class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
@@ -229,8 +230,7 @@ class QServeKVImpl(AttentionImpl):
 
             md = get_attention_context(layer.layer_name)[0]
             if md is not None:  # (None: the profiling run, whose cache contents are never read)
-                t = slot_mapping.shape[0]
-                offset = center.offset(token_positions(md.query_start_loc, md.seq_lens, t)).to(key.device)
+                offset = center.offset(_new_token_positions(md, slot_mapping.shape[0])).to(key.device)
         kernel.write(key, value, kv_cache, slot_mapping, key_offset=offset)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -244,6 +244,13 @@ class QServeKVImpl(AttentionImpl):
         self._kernel(q, layer).attend(q, kv_cache, attn_metadata, self.scale, out, self.sliding_window,
                                       key_center=key_center_of(layer))
         return output
+
+
+def _new_token_positions(md: "QServeKVMetadata", num_tokens: int) -> torch.Tensor:
+    """The batch's token positions, computed once per step: every key-centred layer of the step shares them."""
+    if md.token_positions is None or md.token_positions.numel() != num_tokens:
+        md.token_positions = token_positions(md.query_start_loc, md.seq_lens, num_tokens)
+    return md.token_positions
 
 
 def key_center_of(layer):

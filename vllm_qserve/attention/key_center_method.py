@@ -9,6 +9,8 @@ plus ``.k_center``, and the models' own ``load_weights`` load it like any other 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
@@ -22,7 +24,9 @@ logger = init_logger(f"vllm.{__name__}")
 KEY_CENTER_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
-_ROPE_TABLES: dict = {}  # (head size, device) -> fp32 table, shared by every layer (~16 MB for 32k x 128)
+# get_rope returns one cached module per set of RoPE arguments; its fp32 table is made once and shared by every
+# layer (~16 MB for 32k positions x 128); weak keys, so that a second model in the process gets its own.
+_ROPE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _rope_table(head_size: int) -> torch.Tensor:
@@ -41,8 +45,9 @@ def _rope_table(head_size: int) -> torch.Tensor:
     if rope.rotary_dim != head_size or not rope.is_neox_style:
         raise ValueError(f"qserve: key centring needs rotate-half RoPE over the whole head (rotary dim "
                          f"{rope.rotary_dim}, head size {head_size})")
-    table = rope.cos_sin_cache
-    return _ROPE_TABLES.setdefault((head_size, str(table.device)), table.float())
+    if rope not in _ROPE_TABLES:
+        _ROPE_TABLES[rope] = rope.cos_sin_cache.float()
+    return _ROPE_TABLES[rope]
 
 
 class QServeKeyCenterMethod(BaseKVCacheMethod):

@@ -16,6 +16,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
+from vllm_qserve.checkpoint import KEY_CENTER
 from vllm_qserve.convert.rtn import quantize_weight
 from vllm_qserve.precision import Precision, check_group_size
 
@@ -46,9 +47,6 @@ def write_checkpoint(out_dir: str, state_dict: dict, hf_config: dict, precision:
     return save_checkpoint(out_dir, tensors, hf_config, precision, group_size, tokenizer_dir, fmt, zoo_style)
 
 
-KEY_CENTER_SUFFIX = ".self_attn.attn.k_center"  # the mean pre-RoPE key of a layer (reference/key_center.py)
-
-
 def save_checkpoint(out_dir: str, tensors: dict, hf_config: dict, precision: Precision, group_size: int,
                     tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False) -> str:
     """Writes already-quantized QServe tensors (plus fp16 embeddings/norms/lm_head), config.json and tokenizer."""
@@ -72,7 +70,7 @@ def save_checkpoint(out_dir: str, tensors: dict, hf_config: dict, precision: Pre
         cfg["quantization_config"] = {"quant_method": "qserve", "precision": precision.name,
                                       "weight_bits": precision.weight_bits, "group_size": group_size,
                                       "kv_bits": precision.kv_bits}
-        if any(k.endswith(KEY_CENTER_SUFFIX) for k in tensors):
+        if any(k.endswith("." + KEY_CENTER) for k in tensors):
             cfg["quantization_config"]["key_center"] = True  # attention/key_center_method.py loads them
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)

@@ -136,7 +136,7 @@ def _fp16_rest(sd: dict) -> dict:
 
 def check_tensor_names(tensors: dict, cfg: dict, weight_bits: int, group_size: int) -> None:
     """The checkpoint holds exactly what the format defines: no missing and no stray tensor."""
-    from vllm_qserve.checkpoint import PROJECTIONS, expected_tensors
+    from vllm_qserve.checkpoint import PROJECTIONS, expected_tensors, key_center_name
 
     a = ArchSpec.from_config(cfg)
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -150,7 +150,7 @@ def check_tensor_names(tensors: dict, cfg: dict, weight_bits: int, group_size: i
         for proj in PROJECTIONS:
             expected |= {f"model.layers.{i}.{proj}.{s}" for s in expected_tensors(1, GROUP_K, weight_bits, group_size)}
     biases = {k for k in tensors if k.endswith("_proj.bias")}
-    centers = {f"model.layers.{i}.self_attn.attn.k_center" for i in range(a.num_layers)} & set(tensors)
+    centers = {key_center_name(i) for i in range(a.num_layers)} & set(tensors)
     stray = sorted(set(tensors) - expected - biases - centers)
     missing = sorted(expected - set(tensors))
     if stray or missing:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from vllm_qserve.checkpoint import key_center_name
 from vllm_qserve.quantize import transforms as T
 from vllm_qserve.quantize.gptq import Hessian, gptq, single_thread
 from vllm_qserve.quantize.model import CausalLM, DecoderLayer
@@ -77,7 +78,7 @@ class QoQOptions:
 class _Observer:
     """Statistics of one fp pass of a decoder layer (hooks on its modules)."""
 
-    def __init__(self, layer: DecoderLayer, sample_idx: torch.Tensor):
+    def __init__(self, layer: DecoderLayer, sample_idx: torch.Tensor, key_mean: bool = False):
         self.layer = layer
         self.sample_idx = sample_idx  # flat token indices (over all calibration tokens) kept for searches
         self.offset = 0  # flat index of the current batch's first token
@@ -95,7 +96,8 @@ class _Observer:
         layer.self_attn.qk_observer = self._qk_observer
         self.q_samples, self.k_samples = [], []
         self.key_sum, self.key_count = None, 0  # pre-RoPE keys (k_proj output, bias included): their mean
-        self._hooks.append(layer.self_attn.k_proj.register_forward_hook(self._key_hook))
+        if key_mean:
+            self._hooks.append(layer.self_attn.k_proj.register_forward_hook(self._key_hook))
 
     def _key_hook(self, _mod, _args, out):
         k = out.detach().reshape(-1, out.shape[-1]).double()
@@ -327,7 +329,7 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
     for i, layer in enumerate(tqdm(model.layers, desc="QoQ layers", unit="layer")):
         prefix = f"model.layers.{i}"
         entry = {"layer": i}
-        obs = _Observer(layer, sample_idx)
+        obs = _Observer(layer, sample_idx, key_mean=opts.key_center)
         _run_layer(layer, h, cos, sin, opts.batch_size, obs)
         obs.close()
         hess = {k: v.h for k, v in obs.hess.items()}
@@ -335,7 +337,7 @@ def quantize_qoq(model: CausalLM, calib: torch.Tensor, opts: QoQOptions) -> dict
         if opts.key_center:
             m = (obs.key_sum / obs.key_count).float().view(a.num_kv_heads, a.head_dim)
             key_centers[i] = m
-            tensors[f"{prefix}.self_attn.attn.k_center"] = m.reshape(-1).cpu()
+            tensors[key_center_name(i)] = m.reshape(-1).cpu()
             entry["key_center_absmax"] = float(m.abs().max())
 
         if opts.smooth_attention and obs.key_absmax is not None:

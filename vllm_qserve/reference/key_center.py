@@ -22,7 +22,7 @@ import torch
 
 def rope_offset(mean: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """R_p m: mean [H, D] rotated to each position; cos, sin [n, D/2] (one row per position) -> [n, H, D] fp32."""
-    h, d = mean.shape
+    d = mean.shape[1]
     if d % 2 or cos.shape[-1] != d // 2 or sin.shape != cos.shape:
         raise ValueError(f"key centre of head size {d} needs cos/sin [n, {d // 2}], got {tuple(cos.shape)} / "
                          f"{tuple(sin.shape)}")
@@ -45,9 +45,6 @@ class KeyCenter:
         self.mean = mean.float()
         self.cos_sin = cos_sin.float()
 
-    def to(self, device) -> "KeyCenter":
-        return KeyCenter(self.mean.to(device), self.cos_sin.to(device))
-
     def offset(self, positions: torch.Tensor) -> torch.Tensor:
         """R_p m for positions [n] -> [n, Hkv, D] fp32."""
         if positions.numel() and int(positions.max()) >= self.cos_sin.shape[0]:
@@ -58,9 +55,11 @@ class KeyCenter:
 
 
 def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Position of each of the batch's new tokens: request r's tokens are the last q_r of its seq_len_r."""
+    """Position of each of the batch's first num_tokens tokens: request r's tokens are the last q_r of its
+    seq_len_r.  Padding tokens past the batch's last request (slot -1, never written) get position 0."""
     qsl = query_start_loc.long()
     n = qsl[1:] - qsl[:-1]
     req = torch.repeat_interleave(torch.arange(n.numel(), device=qsl.device), n)[:num_tokens]
     tok = torch.arange(req.numel(), device=qsl.device)
-    return seq_lens.long()[req] - n[req] + (tok - qsl[req])
+    pos = seq_lens.long()[req] - n[req] + (tok - qsl[req])
+    return torch.nn.functional.pad(pos, (0, num_tokens - pos.numel()))
