@@ -1,4 +1,4 @@
-"""GPU: a Gemma 3 W4A8KV4 checkpoint through vLLM on the GPU (fp16, compiled mode with CUDA graphs: the CUDA GEMMs,
+"""GPU: a Gemma 3 W4A8KV4 checkpoint through vLLM on the GPU (bf16: vLLM refuses fp16 for gemma3_text, compiled mode with CUDA graphs: the CUDA GEMMs,
 fused quantizers incl. gelu_tanh_mul_quant, the KV4 decode kernel with sliding windows and the windowed prefill)
 generates greedily what the CPU reference path (vllm_qserve.evaluate.load_sim_model: the quantizer's PyTorch model
 with QServe's numerics and simulated KV4) predicts, for 64 tokens.
@@ -17,7 +17,9 @@ import torch
 from tests.test_vllm_cpu_e2e import run_vllm
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]
-TOL = 0.6  # nats: KV4 + int8 activation-code flips between fp16 GPU and fp32 CPU arithmetic
+# nats: KV4 and int8 activation codes round differently in bf16 on the GPU (8 significant bits, 8x coarser than
+# fp16) than in the fp32 reference; a kernel error moves tokens by whole nats and fails long before step 16.
+TOL = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def test_gemma3_gpu_greedy_equals_cpu_reference(ckpt):
     vocab = sim.lm_head.weight.shape[0]
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, min(vocab, 30000), (n,), generator=g).tolist() for n in (12, 40, 90)]
-    out = run_vllm(model=ckpt, prompts=prompts, max_tokens=64, dtype="float16", enforce_eager=False,
+    out = run_vllm(model=ckpt, prompts=prompts, max_tokens=64, dtype="bfloat16", enforce_eager=False,
                    engine_kwargs={"block_size": 16})
     compared = 0
     for p, r in zip(prompts, out["generations"]):

@@ -202,3 +202,121 @@ def test_every_centred_attention_call_in_the_engine(outlier_workspace):
     out = run_vllm(model=ckpt, prompts=prompts, max_tokens=12, logprobs=3, rounds=2,
                    engine_kwargs={"enable_prefix_caching": True, "block_size": 16})
     assert out["rounds"][0] == out["rounds"][1], "a prefix-cache hit changed the result"
+
+
+# --- CUDA ------------------------------------------------------------------------------------------------------
+
+def _cuda_kv_ops():
+    from vllm_qserve import attention_ops, ops
+
+    return torch.cuda.is_available() and ops.HAS_CUDA_OPS and attention_ops.HAS_KV_OPS
+
+
+@pytest.mark.skipif(not _cuda_kv_ops(), reason="needs a CUDA GPU and vllm_qserve._C's KV ops")
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_kernel_class_centres_keys(dtype, window):
+    """CudaKVKernel with a key centre: the write subtracts R_p m, attention (every request the prefill way, as the
+    metadata builder routes key-centred checkpoints) adds it back after dequantization; sliding-window cuts start
+    at the right position.  Against the PyTorch reference on the same inputs; the same cache read without the centre
+    is far off (the check can fail)."""
+    pytest.importorskip("vllm")
+    from vllm_qserve.attention.backend import QServeKVMetadata, QServePrefillMetadata
+    from vllm_qserve.attention.kernels import CudaKVKernel, KVSpec
+
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    h, hq, d, bs, bits = 2, 8, 128, 16, 4
+    seq_lens, q_lens = [300, 45, 1, 200, 64, 130], [1, 1, 1, 200, 20, 7]
+    cos, sin = _rope_tables(512, d)
+    table = torch.cat([cos, sin], -1).to(dev)
+    mean = torch.randn(h, d, device=dev, generator=g)
+    mean[:, d // 2 - 1], mean[:, d - 1] = 120.0, -80.0  # Qwen2.5-like constant pair, lowest RoPE frequency
+    center = KeyCenter(mean, table)
+    layout = KVCacheLayout(h, d, bs, bits)
+    n_blocks = sum((s + bs - 1) // bs for s in seq_lens) + 4
+    perm = torch.randperm(n_blocks, device=dev, generator=g).int()
+    bt = torch.zeros(len(seq_lens), max((s + bs - 1) // bs for s in seq_lens), dtype=torch.int32, device=dev)
+    cache = torch.zeros(n_blocks, 2, layout.page_bytes, dtype=torch.uint8, device=dev)
+    cache_ref = cache.clone()
+    kernel = CudaKVKernel(KVSpec(hq, h, d, bits, dtype, "cuda", key_center=True))
+    used = 0
+    for b, s in enumerate(seq_lens):
+        nb = (s + bs - 1) // bs
+        bt[b, :nb] = perm[used:used + nb]
+        used += nb
+        pos = torch.arange(s, device=dev)
+        raw = torch.randn(s, h, d, device=dev, generator=g) * 2 + mean
+        k = _rope(raw, cos[:s].to(dev), sin[:s].to(dev)).to(dtype)
+        v = torch.randn(s, h, d, device=dev, generator=g).to(dtype)
+        slots = bt[b, pos // bs].long() * bs + pos % bs
+        kernel.write(k, v, cache, slots, key_offset=center.offset(pos))
+        write_kv_cache(k.float(), v.float(), cache_ref, slots, layout, key_offset=center.offset(pos))
+
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    cu_k = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    cu_k[1:] = torch.cumsum(sl, 0)
+    prefill = QServePrefillMetadata(block_table=bt, seq_lens=sl.to(dev), cu_seqlens_q=qsl.to(dev),
+                                    cu_seqlens_k=cu_k.to(dev), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+                                    total_kv_tokens=int(cu_k[-1]), seq_lens_cpu=sl,
+                                    query_lens_cpu=torch.tensor(q_lens, dtype=torch.int32))
+    md = QServeKVMetadata(num_actual_tokens=int(qsl[-1]), num_decodes=0, num_decode_tokens=0,
+                          num_prefills=len(seq_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+                          query_start_loc=qsl.to(dev), seq_lens=sl.to(dev), block_table=bt,
+                          slot_mapping=torch.zeros(0, device=dev), prefill=prefill)
+    query = (torch.randn(int(qsl[-1]), hq, d, device=dev, generator=g) * 0.3).to(dtype)
+    scale = d ** -0.5
+    out = torch.full_like(query, float("nan"))
+    kernel.attend(query, cache, md, scale, out, sliding_window=window, key_center=center)
+    expect = paged_attention(query.float(), cache_ref, bt, sl.to(dev), qsl.to(dev), layout, scale,
+                             sliding_window=window, key_center=center)
+    assert not out.isnan().any(), "an output was not written"
+    tol = 0.02 * float(expect.abs().max()) + 1e-3
+    err = float((out.float() - expect).abs().max())
+    assert err <= tol, f"centred keys: max error {err} (tolerance {tol})"
+    uncentred = torch.empty_like(out)
+    kernel.attend(query, cache, md, scale, uncentred, sliding_window=window, key_center=None)
+    assert float((uncentred.float() - expect).abs().max()) > 10 * tol, "the centre made no difference"
+
+    md.num_decodes = md.num_decode_tokens = 1  # a decode batch must never skip the centre
+    with pytest.raises(ValueError, match="key-centred layer got decode requests"):
+        kernel.attend(query, cache, md, scale, out, key_center=center)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cuda_kv_ops(), reason="needs a CUDA GPU and vllm_qserve._C's KV ops")
+def test_key_centred_checkpoint_on_the_gpu(outlier_workspace, tmp_path):
+    """vLLM on the GPU (fp16, compiled, piecewise CUDA graphs) serves a key-centred KV4 checkpoint: its perplexity
+    (prompt log-probabilities: the prefill path) is the simulation's, and greedy generation (decode steps, which
+    take the dequantize path too) follows the CPU reference of the same checkpoint up to near-ties."""
+    from tests.test_quantize_e2e import _eval_cli, _quantize
+    from tests.test_vllm_cpu_e2e import run_vllm
+    from vllm_qserve.evaluate import load_sim_model
+
+    ckpt = _quantize(outlier_workspace, "qoq-centred", "--group-size", "-1", "--key-center")
+    args = ("--data", outlier_workspace["text"], "--seq-len", "256", "--max-windows", "6")
+    served = _eval_cli(tmp_path, "--model", ckpt, *args, "--dtype", "float16")
+    sim = _eval_cli(tmp_path, "--model", ckpt, *args, "--backend", "torch")
+    assert served["kv_cache_dtype_resolved"] == "int4_per_token_head"
+    assert math.isclose(served["ppl"], sim["ppl"], rel_tol=0.02), (served["ppl"], sim["ppl"])
+
+    model, _ = load_sim_model(ckpt, dtype=torch.float32, device="cpu")
+    vocab = json.load(open(os.path.join(ckpt, "config.json")))["vocab_size"]
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (9, 40, 75)]
+    out = run_vllm(model=ckpt, prompts=prompts, max_tokens=32, dtype="float16", enforce_eager=False,
+                   engine_kwargs={"block_size": 16, "max_num_batched_tokens": 64})
+    compared = 0
+    for p, r in zip(prompts, out["generations"]):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + r["token_ids"]])).double()[0], -1)
+        for step, tok in enumerate(r["token_ids"]):
+            pos = len(p) + step - 1
+            best = int(logp[pos].argmax())
+            if tok != best:
+                gap = float(logp[pos, best] - logp[pos, tok])
+                assert gap < 0.6, f"step {step}: GPU token {tok}, reference {best}, gap {gap:.3f} nats (no tie)"
+                break
+            compared += 1
+    assert compared >= 24, f"only {compared} greedy steps equal the reference"

@@ -35,9 +35,13 @@ PROMPTS = [
 NEW_TOKENS = 64
 # A step passes when vLLM's token is within this many nats of the reference's best token under the reference's
 # own distribution.  fp16 activations on the GPU and fp32 in the reference round some int8 activation codes and
-# KV4 codes differently; a near-tie then flips.  An error in a kernel moves tokens by whole nats.
-NEAR_TIE_NATS = 0.3
-LOGPROB_TOL = 0.6  # |logprob of the chosen token, vLLM - reference| (the KV4 tolerance of test_kv_cache_e2e)
+# KV4 codes differently, and a different 4-bit key code moves a logit by a whole quantization step: measured on the
+# CPU, vLLM in fp32 and the fp32 reference of this same checkpoint give log-probabilities up to 0.71 nats apart at
+# single steps (docs/accuracy.md, "KV4 sensitivity"), and on the H100 the first differing choice had a gap of 0.44
+# nats (fp32 reference; 1.75 under the fp16 reference).  A kernel error moves most tokens, by whole nats, so the
+# count of non-argmax steps is bounded too.
+NEAR_TIE_NATS = 0.75
+LOGPROB_TOL = 1.0  # |logprob of the chosen token, vLLM - reference|, same reasoning
 
 
 def _checkpoint(tmp_path_factory) -> str:
@@ -92,7 +96,7 @@ def test_greedy_generation_matches_reference(checkpoint):
     for dtype in (torch.float32, torch.float16):
         ref, _ = load_sim_model(checkpoint, kv_bits=4, dtype=dtype, device="cpu")
         refs[dtype] = ref.eval()
-    exact, ties, worst_lp = 0, [], 0.0
+    exact, ties, far, worst_lp = 0, [], [], 0.0
     for p, (prompt, gen) in enumerate(zip(prompts, gens)):
         assert len(gen["token_ids"]) == NEW_TOKENS
         ids = torch.tensor([prompt + gen["token_ids"]])
@@ -105,15 +109,17 @@ def test_greedy_generation_matches_reference(checkpoint):
                 exact += 1
             else:
                 best = int(rows[0].argmax())
-                assert min(gaps) < NEAR_TIE_NATS, (
-                    f"prompt {p} step {step}: vLLM chose {t} ({tok.decode([t])!r}), the fp32 reference {best} "
-                    f"({tok.decode([best])!r}); gaps fp32/fp16 {gaps[0]:.3f}/{gaps[1]:.3f} nats")
                 ties.append((p, step, round(min(gaps), 3)))
+                if min(gaps) >= NEAR_TIE_NATS:
+                    far.append(f"prompt {p} step {step}: vLLM chose {t} ({tok.decode([t])!r}), the fp32 reference "
+                               f"{best} ({tok.decode([best])!r}); gaps fp32/fp16 {gaps[0]:.3f}/{gaps[1]:.3f} nats")
             worst_lp = max(worst_lp, min(abs(gen["logprobs"][step][str(t)] - float(r[t])) for r in rows))
         print(f"prompt {p}: {tok.decode(gen['token_ids'])!r}")
     total = NEW_TOKENS * len(prompts)
-    print(f"{exact}/{total} tokens equal the reference's argmax; near-ties {ties}; worst |logprob diff| "
-          f"{worst_lp:.3f} nats")
+    # Everything is printed before any assertion: one GPU run shows the whole picture.
+    print(f"{exact}/{total} tokens equal the reference's argmax; other steps (prompt, step, gap) {ties}; worst "
+          f"|logprob diff| {worst_lp:.3f} nats")
+    assert not far, "steps that are no near-tie:\n" + "\n".join(far)
     assert worst_lp < LOGPROB_TOL
     assert exact >= total - 2 * len(prompts), f"too many near-ties: {ties}"
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,8 +53,9 @@ class VllmServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = str(log_path)
-        vllm_bin = shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm"
-        self.cmd = [vllm_bin, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+        # `python -m vllm.entrypoints.cli.main` is the `vllm` program, also where vLLM was installed without its
+        # scripts on PATH (pip --target, a PYTHONPATH install).
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                     "--served-model-name", served_model_name, *extra_args]
         env = dict(os.environ)
         for k, v in CPU_ENV.items():

@@ -117,6 +117,7 @@ class QServePrefillMetadata:
     total_kv_tokens: int
     seq_lens_cpu: torch.Tensor | None = None  # [P] int32, host copies (sliding-window layers cut the context)
     query_lens_cpu: torch.Tensor | None = None  # [P] int32
+    first_pos: torch.Tensor | None = None  # [P] position of each sequence's first gathered key (None: all 0)
     windowed: dict = field(default_factory=dict)  # sliding window -> QServePrefillMetadata of the window
 
 
@@ -142,11 +143,21 @@ class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
+        # Key-centred checkpoints: the CUDA decode kernel does not add the key centre back, so every request goes
+        # the prefill way (dequantize, add R_p m, FlashAttention); see CudaKVKernel.
+        self.no_decodes = _key_centred(vllm_config)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        # Without the decode kernel no batch is shape-static: vLLM then captures piecewise graphs only.
+        return AttentionCGSupport.NEVER if _key_centred(vllm_config) else cls._cudagraph_support
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> QServeKVMetadata:
         cm = common_attn_metadata
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        if self.no_decodes:
+            num_decodes, num_prefills, num_decode_tokens = 0, cm.num_reqs, 0
         md = QServeKVMetadata(num_actual_tokens=cm.num_actual_tokens, num_decodes=num_decodes,
                               num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
                               max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
@@ -244,6 +255,11 @@ class QServeKVImpl(AttentionImpl):
         self._kernel(q, layer).attend(q, kv_cache, attn_metadata, self.scale, out, self.sliding_window,
                                       key_center=key_center_of(layer))
         return output
+
+
+def _key_centred(vllm_config) -> bool:
+    """The served checkpoint centres its keys (quantization_config.key_center)."""
+    return bool(getattr(getattr(vllm_config, "quant_config", None), "key_center", False))
 
 
 def _new_token_positions(md: "QServeKVMetadata", num_tokens: int) -> torch.Tensor:

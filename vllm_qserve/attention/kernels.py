@@ -85,7 +85,13 @@ class TorchKVKernel(QServeKVKernel):
 class CudaKVKernel(QServeKVKernel):
     """Decode: our paged KV4/KV8 kernel.  Prefill (new prompts, chunks, prefix-cache hits): dequantize the whole
     context of those sequences from the cache (new tokens included, so they see the same quantized K/V a later
-    decode step will) into a bf16/fp16 workspace and run vLLM's bundled FlashAttention varlen on it."""
+    decode step will) into a bf16/fp16 workspace and run vLLM's bundled FlashAttention varlen on it.
+
+    Key-centred checkpoints: the write subtracts R_p m from the keys before quantization, and every request --
+    decodes too, the metadata builder then marks none as a decode -- takes the dequantize-and-FlashAttention path,
+    where R_p m is added back to the dequantized keys.  Exact, but decode steps re-read and dequantize the whole
+    context into a workspace (the fused decode kernel does not add the centre yet) and run without full CUDA
+    graphs (piecewise only: the path sizes its workspace on the host)."""
 
     name = "cuda"
 
@@ -93,10 +99,6 @@ class CudaKVKernel(QServeKVKernel):
     def can_implement(cls, spec):
         if spec.device_type != "cuda":
             return False, f"device is {spec.device_type}, not cuda"
-        if spec.key_center:
-            return False, ("the checkpoint centres its keys (k_center tensors), and the CUDA decode kernel does not "
-                           "add the centre back yet: serve it with --kv-cache-dtype float16/bfloat16, or quantize "
-                           "without --key-center")
         from vllm_qserve.ops import cuda_ops_available
 
         ok, why = cuda_ops_available()
@@ -121,15 +123,17 @@ class CudaKVKernel(QServeKVKernel):
         self._fa_version = get_flash_attn_version()
 
     def write(self, key, value, kv_cache, slot_mapping, key_offset=None):
-        if key_offset is not None:  # can_implement refuses key-centred layers; never drop a centre silently
-            raise NotImplementedError("qserve: the CUDA KV kernels do not centre keys")
+        if key_offset is not None:
+            t = slot_mapping.shape[0]
+            key, value = (key[:t].float() - key_offset[:t]).to(key.dtype), value[:t]
         torch.ops.qserve.kv_cache_write(key, value, kv_cache, slot_mapping, self.spec.num_kv_heads, self.spec.bits)
 
     def attend(self, query, kv_cache, md, scale, output, sliding_window=None, key_center=None):
-        if key_center is not None:
-            raise NotImplementedError("qserve: the CUDA KV kernels do not centre keys")
         s = self.spec
         nd = md.num_decodes
+        if nd and key_center is not None:  # never skip a centre: the builder routes such decodes to the prefill path
+            raise ValueError("qserve: a key-centred layer got decode requests; the metadata builder must mark none "
+                             "as decodes for key-centred checkpoints")
         if nd:
             torch.ops.qserve.kv_paged_decode(output[:nd], query[:nd], kv_cache, md.block_table[:nd],
                                              md.seq_lens[:nd], scale, s.num_kv_heads, s.bits, sliding_window or 0)
@@ -142,11 +146,22 @@ class CudaKVKernel(QServeKVKernel):
         v = torch.empty_like(k)
         torch.ops.qserve.kv_gather_dequant(kv_cache, p.block_table, p.seq_lens, p.cu_seqlens_k, k, v,
                                            s.num_kv_heads, s.bits)
+        if key_center is not None:
+            key_center.add_to_(k, self._context_positions(p))
         t0, t1 = md.num_decode_tokens, md.num_actual_tokens
         self._flash_attn_varlen(q=query[t0:t1], k=k, v=v, max_seqlen_q=p.max_query_len, cu_seqlens_q=p.cu_seqlens_q,
                                 max_seqlen_k=p.max_seq_len, cu_seqlens_k=p.cu_seqlens_k, softmax_scale=scale,
                                 causal=True, out=output[t0:t1], fa_version=self._fa_version,
                                 window_size=[sliding_window - 1, 0] if sliding_window else [-1, -1])
+
+    @staticmethod
+    def _context_positions(p) -> torch.Tensor:
+        """Position of every gathered key: sequence i's rows cu_seqlens_k[i] .. [i+1] hold positions first_pos[i]
+        onwards (first_pos = 0, or where a sliding-window cut starts)."""
+        counts = (p.cu_seqlens_k[1:] - p.cu_seqlens_k[:-1]).long()
+        first = p.first_pos.long() if p.first_pos is not None else torch.zeros_like(counts)
+        shift = torch.repeat_interleave(first - p.cu_seqlens_k[:-1].long(), counts, output_size=p.total_kv_tokens)
+        return torch.arange(p.total_kv_tokens, device=shift.device) + shift
 
     @staticmethod
     def _window_prefill(p, window: int, block_size: int):
@@ -174,7 +189,7 @@ class CudaKVKernel(QServeKVKernel):
             seq_lens=seq_cpu.to(dev, non_blocking=True), cu_seqlens_q=p.cu_seqlens_q,
             cu_seqlens_k=cu_k.to(dev, non_blocking=True), max_query_len=p.max_query_len,
             max_seq_len=int(seq_cpu.max()), total_kv_tokens=int(cu_k[-1]), seq_lens_cpu=seq_cpu,
-            query_lens_cpu=p.query_lens_cpu)
+            query_lens_cpu=p.query_lens_cpu, first_pos=(skip_blocks * block_size).to(dev, non_blocking=True))
         p.windowed[window] = cut
         return cut
 

@@ -53,6 +53,17 @@ class KeyCenter:
         cos, sin = self.cos_sin[positions.long()].chunk(2, dim=-1)
         return rope_offset(self.mean, cos, sin)
 
+    def add_to_(self, keys: torch.Tensor, positions: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+        """keys [n, Hkv, D] += R_p m, in place, in chunks of positions (a gathered context of a large batch holds
+        ~10^6 keys: the fp32 offsets of all of them at once would take gigabytes)."""
+        if keys.shape[0] != positions.shape[0] or keys.shape[1:] != self.mean.shape:
+            raise ValueError(f"key centre [{tuple(self.mean.shape)}]: keys {tuple(keys.shape)} and positions "
+                             f"{tuple(positions.shape)} do not match")
+        for i in range(0, keys.shape[0], chunk):
+            k = keys[i:i + chunk]
+            k.copy_((k.float() + self.offset(positions[i:i + chunk])).to(k.dtype))
+        return keys
+
 
 def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Position of each of the batch's first num_tokens tokens: request r's tokens are the last q_r of its
