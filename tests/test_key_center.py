@@ -296,7 +296,9 @@ def test_key_centred_checkpoint_on_the_gpu(outlier_workspace, tmp_path):
 
     ckpt = _quantize(outlier_workspace, "qoq-centred", "--group-size", "-1", "--key-center")
     args = ("--data", outlier_workspace["text"], "--seq-len", "256", "--max-windows", "6")
-    served = _eval_cli(tmp_path, "--model", ckpt, *args, "--dtype", "float16")
+    share = os.environ.get("VLLM_QSERVE_TEST_GPU_MEMORY_UTILIZATION")  # tests/vllm_runner.py
+    served = _eval_cli(tmp_path, "--model", ckpt, *args, "--dtype", "float16",
+                       *(("--gpu-memory-utilization", share) if share else ()))
     sim = _eval_cli(tmp_path, "--model", ckpt, *args, "--backend", "torch")
     assert served["kv_cache_dtype_resolved"] == "int4_per_token_head"
     assert math.isclose(served["ppl"], sim["ppl"], rel_tol=0.02), (served["ppl"], sim["ppl"])

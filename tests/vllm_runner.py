@@ -34,6 +34,9 @@ if __name__ == "__main__":
     if args.get("quantization"):
         llm_kwargs["quantization"] = args["quantization"]
     llm_kwargs.update(args.get("engine_kwargs", {}))  # e.g. kv_cache_dtype, enable_prefix_caching, block_size
+    # A GPU shared with other jobs (e.g. an accuracy run beside the tests): a smaller share of its memory.
+    if os.environ.get("VLLM_QSERVE_TEST_GPU_MEMORY_UTILIZATION") and "gpu_memory_utilization" not in llm_kwargs:
+        llm_kwargs["gpu_memory_utilization"] = float(os.environ["VLLM_QSERVE_TEST_GPU_MEMORY_UTILIZATION"])
     if args.get("metrics"):
         llm_kwargs["disable_log_stats"] = False
     llm = LLM(**llm_kwargs)
