@@ -215,6 +215,8 @@ def test_kernel_classification_and_busy_time():
         "void vllm::dynamic_per_token_scaled_fp8_quant_kernel<c10::BFloat16>": "act-quant",
         "void cutlass::device_kernel<cutlass3x_sm90_tensorop_s64x128x32gemm_e4m3>": "gemm-vendor",
         "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "gemm-vendor",
+        "void qserve::gemm_sm90::w4a8_wgmma_ws_kernel<(qserve::gemm_sm90::Mode)0, qserve::gemm_sm90::WsConfig<128, 5>, "
+        "__nv_bfloat16>(CUtensorMap_st, qserve::gemm::GemmParams)": "gemm-qserve",
         "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "norm(+quant)",
         "triton_poi_fused_mul_silu_slice_1": "silu-mul(+quant)",
         "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>": "sampling/logits",

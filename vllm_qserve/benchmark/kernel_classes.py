@@ -15,7 +15,7 @@ CATEGORIES = ("gemm-qserve", "gemm-vendor", "attention", "act-quant", "norm(+qua
               "sampling/logits", "memcpy/memset", "other")
 
 _RULES: list[tuple[str, re.Pattern]] = [(cat, re.compile(rx, re.IGNORECASE)) for cat, rx in (
-    ("gemm-qserve", r"qgemm_kernel"),
+    ("gemm-qserve", r"qgemm_kernel|w4a8_wgmma"),  # ours: mma.sync family, Hopper wgmma family (before "wgmma")
     ("silu-mul(+quant)", r"fused_quant_kernel.*Prologue\)2|fused_quant_kernel.*,\s*2>"),
     ("norm(+quant)", r"fused_quant_kernel"),
     ("attention", r"kv_decode|kv_cache_write|kv_gather|flash|fmha|attn|attention|paged|reshape_and_cache|"
