@@ -324,3 +324,25 @@ def test_key_centred_checkpoint_on_the_gpu(outlier_workspace, tmp_path):
                 break
             compared += 1
     assert compared >= 24, f"only {compared} greedy steps equal the reference"
+
+
+def test_key_centred_checkpoints_take_no_decode_kernel_and_no_full_cuda_graphs():
+    """The CUDA decode kernel does not add the centre: for a key-centred checkpoint the metadata builder reports no
+    full-CUDA-graph support (vLLM then captures piecewise graphs) and its decode routing is off; other checkpoints
+    keep uniform single-token decode graphs."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_qserve.attention.backend import QServeKVMetadataBuilder, _key_centred
+    from vllm_qserve.config import QServeConfig
+
+    def cfg(key_center):
+        return SimpleNamespace(quant_config=QServeConfig(group_size=-1, kv_bits=4, key_center=key_center))
+
+    assert _key_centred(cfg(True)) and not _key_centred(cfg(False))
+    assert not _key_centred(SimpleNamespace(quant_config=None))  # unquantized model on the qserve KV backend
+    assert QServeKVMetadataBuilder.get_cudagraph_support(cfg(True), None) == AttentionCGSupport.NEVER
+    assert (QServeKVMetadataBuilder.get_cudagraph_support(cfg(False), None)
+            == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
