@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks that have not run on a device yet, in one call, each with its own log under $OUT:
-#   bash scripts/gpu_pending.sh [tests|real|e2e]...   (default: tests real)
-# tests: the kernel and backend tests of issues 9 and 10 (windowed KV decode, GeGLU fused quant, Gemma 3 plugin,
-#        fused-quant kernels, the sm90 wgmma GEMM) and the GPU plugin tests;
-# real:  tests/test_real_model_gpu.py (the SmolLM2 QoQ checkpoint made on the CPU: VLLM_QSERVE_TEST_CHECKPOINT);
-# e2e:   benchmarks/run_e2e.sh A (throughput sweep with the wgmma GEMM; BUDGET seconds, resumable).
+#   bash scripts/gpu_pending.sh [tests|real|kc|e2e]...   (default: tests real)
+# tests: every GPU test file (kernels, plugin, Gemma 3, fusion, key centring) -- all passed on the H100 in session 5;
+# real:  tests/test_real_model_gpu.py (the SmolLM2 QoQ checkpoint made on the CPU: VLLM_QSERVE_TEST_CHECKPOINT) and,
+#        with QSERVE_GEMMA3_CKPT set (a Gemma-3-270M QoQ checkpoint), tests/test_gpu_gemma3.py on the real model;
+# kc:    the cost of the key-centred path (no fused decode kernel yet): w4a8kv4-pc vs w4a8kv4-pc-kc at B=256;
+# e2e:   benchmarks/run_e2e.sh A (throughput sweep; BUDGET seconds, resumable).
 # Needs torch with CUDA, vLLM 0.26 and this package built for the GPU (pip install -e .).
 set -u
 cd "$(dirname "$0")/.."
@@ -23,10 +24,16 @@ if want tests; then
   run gpu_tests python3 -m pytest -q -p no:cacheprovider -rfE \
     tests/test_cuda_kv.py tests/test_gelu_fused_quant.py tests/test_fused_quant_kernels.py \
     tests/test_cuda_gemm_sm90.py tests/test_gemm_sm90_layout.py tests/test_gpu_gemma3.py \
-    tests/test_gpu_fusion_e2e.py tests/test_gpu_plugin.py
+    tests/test_gpu_fusion_e2e.py tests/test_gpu_plugin.py tests/test_key_center.py::test_cuda_kernel_class_centres_keys \
+    tests/test_key_center.py::test_key_centred_checkpoint_on_the_gpu
 fi
 if want real; then
   run real_model python3 -m pytest -q -p no:cacheprovider -rfE tests/test_real_model_gpu.py
+  if [ -n "${QSERVE_GEMMA3_CKPT:-}" ]; then run gemma3_real python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu_gemma3.py; fi
+fi
+if want kc; then
+  run kc python3 benchmarks/bench_throughput.py --model llama-3-8b --configs w4a8kv4-pc,w4a8kv4-pc-kc \
+    --batches 256 --out "$OUT/e2e_throughput_key_center.json"
 fi
 if want e2e; then
   run e2e env BUDGET="${BUDGET:-470}" bash benchmarks/run_e2e.sh A

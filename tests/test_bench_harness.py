@@ -39,7 +39,7 @@ def test_model_folders_hold_the_published_architectures(name):
 
 @pytest.mark.parametrize("name,bits,group,kv", [("w4a8kv4-pc", 4, -1, 4), ("w4a8kv4-g128", 4, 128, 4),
                                                 ("w4a8kv8-pc", 4, -1, 8), ("w4a8kv16-pc", 4, -1, 16),
-                                                ("w8a8kv4", 8, -1, 4)])
+                                                ("w8a8kv4", 8, -1, 4), ("w4a8kv4-pc-kc", 4, -1, 4)])
 def test_qserve_folders_declare_what_the_plugin_parses(tmp_path, name, bits, group, kv):
     from vllm_qserve.config import QServeConfig
 
@@ -49,6 +49,7 @@ def test_qserve_folders_declare_what_the_plugin_parses(tmp_path, name, bits, gro
     q = QServeConfig.from_config(c["quantization_config"])
     assert QServeConfig.override_quantization_method(c["quantization_config"], None) == "qserve"
     assert (q.weight_bits, q.group_size, q.kv_bits) == (bits, group, kv)
+    assert q.key_center == name.endswith("-kc")
     assert c["hidden_size"] == 4096 and os.listdir(d) == ["config.json"]
 
 

@@ -31,15 +31,16 @@ class BenchConfig:
         return bool(self.quantization_config) and self.quantization_config.get("quant_method") == "qserve"
 
 
-def _qserve(name: str, weight_bits: int, group_size: int, kv_bits: int) -> BenchConfig:
+def _qserve(name: str, weight_bits: int, group_size: int, kv_bits: int, key_center: bool = False) -> BenchConfig:
     precision = f"w{weight_bits}a8" + ("" if kv_bits == 16 else f"kv{kv_bits}")
     kv = {4: "QServe KV4", 8: "QServe KV8", 16: "16-bit KV (FlashAttention)"}[kv_bits]
     gs = "per-channel" if group_size == -1 else f"group {group_size}"
-    return BenchConfig(
-        name, f"ours: W{weight_bits}A8 {gs}, {kv}",
-        quantization_config={"quant_method": "qserve", "precision": precision, "weight_bits": weight_bits,
-                             "group_size": group_size, "kv_bits": kv_bits},
-        engine_kwargs={"quantization": "qserve"})
+    qcfg = {"quant_method": "qserve", "precision": precision, "weight_bits": weight_bits, "group_size": group_size,
+            "kv_bits": kv_bits}
+    if key_center:  # dummy weights give a zero centre: same numbers, but the key-centred path and its cost
+        qcfg["key_center"] = True
+    return BenchConfig(name, f"ours: W{weight_bits}A8 {gs}, {kv}" + (", centred keys" if key_center else ""),
+                       quantization_config=qcfg, engine_kwargs={"quantization": "qserve"})
 
 
 # GPTQ W4A16 g128 (symmetric, no act-order) read by vLLM's gptq_marlin method; on dummy weights its qweight and
@@ -53,6 +54,7 @@ CONFIGS: dict[str, BenchConfig] = {c.name: c for c in (
     _qserve("w4a8kv8-pc", 4, -1, 8),
     _qserve("w4a8kv16-pc", 4, -1, 16),
     _qserve("w8a8kv4", 8, -1, 4),
+    _qserve("w4a8kv4-pc-kc", 4, -1, 4, key_center=True),  # not in DEFAULT_CONFIGS: the path of --key-center
     BenchConfig("bf16", "vLLM BF16 weights, BF16 KV (FlashAttention 3 on Hopper)"),
     BenchConfig("fp8", "vLLM FP8 W8A8 (dynamic per-token activations) + FP8 KV",
                 engine_kwargs={"quantization": "fp8", "kv_cache_dtype": "fp8"}, gpu_only=True),
