@@ -360,8 +360,15 @@ def test_bad_key_centers(fixture_ckpt, tmp_path, case, fragment):
         _inspect(d)
 
 
-def test_gpu_kernels_refuse_key_centred_layers_with_the_reason():
+def test_cuda_kv_kernel_never_drops_a_key_centre_on_decodes():
+    """The CUDA decode kernel does not add the centre, so the builder routes every request of a key-centred
+    checkpoint the prefill way; a decode batch reaching attend with a centre is refused, not served uncentred."""
+    from types import SimpleNamespace
+
     from vllm_qserve.attention.kernels import CudaKVKernel, KVSpec
 
-    ok, why = CudaKVKernel.can_implement(KVSpec(8, 2, 128, 4, torch.float16, "cuda", key_center=True))
-    assert not ok and "centres its keys" in why and "--kv-cache-dtype float16" in why
+    kernel = CudaKVKernel.__new__(CudaKVKernel)  # no __init__: it binds FlashAttention, absent on CPU
+    kernel.spec = KVSpec(8, 2, 128, 4, torch.float16, "cuda", key_center=True)
+    q = torch.zeros(1, 8, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="key-centred layer got decode requests"):
+        kernel.attend(q, None, SimpleNamespace(num_decodes=1), 1.0, torch.empty_like(q), key_center=object())

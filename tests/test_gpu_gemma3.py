@@ -1,7 +1,7 @@
-"""GPU: a Gemma 3 W4A8KV4 checkpoint through vLLM on the GPU (bf16: vLLM refuses fp16 for gemma3_text, compiled mode with CUDA graphs: the CUDA GEMMs,
-fused quantizers incl. gelu_tanh_mul_quant, the KV4 decode kernel with sliding windows and the windowed prefill)
-generates greedily what the CPU reference path (vllm_qserve.evaluate.load_sim_model: the quantizer's PyTorch model
-with QServe's numerics and simulated KV4) predicts, for 64 tokens.
+"""GPU: a Gemma 3 W4A8KV4 checkpoint through vLLM on the GPU (bf16, as vLLM refuses fp16 for gemma3_text; compiled
+mode with CUDA graphs: the CUDA GEMMs, fused quantizers incl. gelu_tanh_mul_quant, the KV4 decode kernel with
+sliding windows and the windowed prefill) generates greedily what the CPU reference path predicts for 64 tokens
+(vllm_qserve.evaluate.load_sim_model: the quantizer's PyTorch model with QServe's numerics and simulated KV4).
 
 Checkpoint: $QSERVE_GEMMA3_CKPT (e.g. a Gemma-3-270M QoQ checkpoint quantized on CPU and copied over), else a tiny
 random Gemma 3 (RTN, sliding window 16, head_dim 256).  A step where the GPU's token is not the reference's argmax

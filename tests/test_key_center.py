@@ -225,7 +225,7 @@ def test_cuda_kernel_class_centres_keys(dtype, window):
     from vllm_qserve.attention.kernels import CudaKVKernel, KVSpec
 
     dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    g = torch.Generator(device=dev).manual_seed(20261124)
     h, hq, d, bs, bits = 2, 8, 128, 16, 4
     seq_lens, q_lens = [300, 45, 1, 200, 64, 130], [1, 1, 1, 200, 20, 7]
     cos, sin = _rope_tables(512, d)

@@ -34,13 +34,14 @@ PROMPTS = [
 ]
 NEW_TOKENS = 64
 # What "follows the reference" means for this model.  SmolLM2 carries activations of ~2e4 in its last layers, where
-# fp16 keeps three significant digits, and KV4 rounds keys computed in another order into other 4-bit codes: the
-# H100 run of session 5 had 230/256 steps equal to the fp32 reference's argmax and single steps up to 1.9 nats off
-# it, while the same kernels match their references exactly on random data (tests/test_cuda_*.py).  So the test
-# measures the noise floor in the same run: the reference itself at the serving dtype (fp16, on the CPU) generating
-# greedily, scored by the fp32 reference exactly like vLLM.  vLLM must be about as close to the fp32 reference as
-# that (agreement and mean gap below); a kernel error puts it far outside (most tokens off, by whole nats).
+# fp16 keeps three significant digits, and KV4 rounds keys computed in another order into other 4-bit codes, so a
+# greedy fp16 run on the GPU cannot match an fp32 reference token for token (docs/accuracy.md, SmolLM2 on the GPU).
+# The test measures the noise floor in the same run: the reference itself at the serving dtype (fp16, on the CPU)
+# generating greedily, scored by the fp32 reference exactly like vLLM.  vLLM must be about as close to the fp32
+# reference as that, and within absolute bounds (the fp16 CPU floor varies between machines); a kernel error puts it
+# far outside both (most tokens off, by whole nats).
 AGREEMENT_MARGIN = 0.10  # vLLM's share of argmax steps may be at most this much below the fp16 reference's
+MIN_AGREEMENT, MAX_MEAN_GAP = 0.70, 0.30  # absolute bounds; H100 session 5: 0.8125 and 0.158 nats
 GAP_FACTOR, GAP_SLACK = 2.0, 0.05  # vLLM's mean gap <= 2 x the fp16 reference's + 0.05 nats
 
 
@@ -66,7 +67,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _vllm_generate(ckpt: str, prompts: list) -> list:
-    args = {"model": ckpt, "dtype": "float16", "prompts": prompts, "max_tokens": NEW_TOKENS, "logprobs": 5,
+    args = {"model": ckpt, "dtype": "float16", "prompts": prompts, "max_tokens": NEW_TOKENS,
             "enforce_eager": False, "engine_kwargs": {"max_model_len": 512, "gpu_memory_utilization": 0.3,
                                                     "kv_cache_memory_bytes": 1 << 30}}
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -124,8 +125,8 @@ def test_greedy_generation_matches_reference(checkpoint):
                        "max_gap": max(gaps)}
     print(f"against the fp32 reference: {stats}")  # printed before any assertion: one GPU run shows it all
     ours, floor = stats["vllm"], stats["fp16 reference"]
-    assert ours["agreement"] >= floor["agreement"] - AGREEMENT_MARGIN, stats
-    assert ours["mean_gap"] <= GAP_FACTOR * floor["mean_gap"] + GAP_SLACK, stats
+    assert ours["agreement"] >= max(floor["agreement"] - AGREEMENT_MARGIN, MIN_AGREEMENT), stats
+    assert ours["mean_gap"] <= min(GAP_FACTOR * floor["mean_gap"] + GAP_SLACK, MAX_MEAN_GAP), stats
 
 
 def test_vllm_serve_answers_openai_requests(checkpoint, tmp_path):

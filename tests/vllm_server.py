@@ -55,8 +55,8 @@ class VllmServer:
         self.log_path = str(log_path)
         # `python -m vllm.entrypoints.cli.main` is the `vllm` program, also where vLLM was installed without its
         # scripts on PATH (pip --target, a PYTHONPATH install).
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-                    "--served-model-name", served_model_name, *extra_args]
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
+                    "--port", str(self.port), "--served-model-name", served_model_name, *extra_args]
         env = dict(os.environ)
         for k, v in CPU_ENV.items():
             env.setdefault(k, v)

@@ -9,10 +9,12 @@ its own scales and zeros, and a block shared by a prefix-cache hit is never rewr
 Batches are reordered decodes-first (``reorder_batch_threshold = 1``).  Decodes go to the paged decode kernel;
 everything else (prompts, chunked-prefill chunks, prefix-cache continuations) attends over the *quantized* cache,
 new tokens included, so that a prompt token's attention sees the same K/V that a later decode step will.
+Key-centred checkpoints (reference/key_center.py) are the exception: the decode kernel does not add the centre
+back, so the builder marks none of their requests as decodes and all take the prefill path.
 
 CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` — pure-decode batches run in full CUDA graphs (the decode kernel's
 grid depends only on shapes); mixed and prefill batches run piecewise (the prefill path sizes its workspace from
-host-side lengths).
+host-side lengths).  Key-centred checkpoints: no full graphs (``NEVER``), piecewise only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -118,6 +121,7 @@ class QServePrefillMetadata:
     seq_lens_cpu: torch.Tensor | None = None  # [P] int32, host copies (sliding-window layers cut the context)
     query_lens_cpu: torch.Tensor | None = None  # [P] int32
     first_pos: torch.Tensor | None = None  # [P] position of each sequence's first gathered key (None: all 0)
+    context_positions: torch.Tensor | None = None  # [total_kv_tokens] key positions, once per step (key centring)
     windowed: dict = field(default_factory=dict)  # sliding window -> QServePrefillMetadata of the window
 
 
@@ -146,6 +150,14 @@ class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
         # Key-centred checkpoints: the CUDA decode kernel does not add the key centre back, so every request goes
         # the prefill way (dequantize, add R_p m, FlashAttention); see CudaKVKernel.
         self.no_decodes = _key_centred(vllm_config)
+        cc = vllm_config.compilation_config
+        if (self.no_decodes and torch.device(device).type == "cuda" and cc.cudagraph_mode != CUDAGraphMode.NONE
+                and not cc.splitting_ops_contain_kv_cache_update()):
+            # The centred write computes token positions on the host side of eager code; inside a captured graph
+            # it would fail to capture or replay stale positions.
+            raise ValueError("qserve: a key-centred checkpoint needs the KV-cache update outside CUDA graphs "
+                             "(vllm::unified_kv_cache_update among the compilation splitting ops, vLLM's default); "
+                             "this compilation config captures it: use the default splitting ops or --enforce-eager")
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -155,9 +167,10 @@ class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> QServeKVMetadata:
         cm = common_attn_metadata
-        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         if self.no_decodes:
             num_decodes, num_prefills, num_decode_tokens = 0, cm.num_reqs, 0
+        else:
+            num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         md = QServeKVMetadata(num_actual_tokens=cm.num_actual_tokens, num_decodes=num_decodes,
                               num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
                               max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
@@ -199,7 +212,8 @@ class QServeKVImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
                  sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, sinks=None, **extra) -> None:
-        unsupported = {"ALiBi slopes": alibi_slopes is not None, "logits soft-capping": bool(logits_soft_cap), "attention sinks": sinks is not None,
+        unsupported = {"ALiBi slopes": alibi_slopes is not None, "logits soft-capping": bool(logits_soft_cap),
+                       "attention sinks": sinks is not None,
                        f"attention type {attn_type}": attn_type != AttentionType.DECODER}
         bad = [name for name, present in unsupported.items() if present]
         if bad:

@@ -22,7 +22,7 @@ class KVSpec:
     bits: int
     dtype: torch.dtype
     device_type: str
-    key_center: bool = False  # the checkpoint centres this layer's keys (reference/key_center.py)
+    key_center: bool = False  # the checkpoint centres this layer's keys (reference/key_center.py); informational
 
 
 class QServeKVKernel:
@@ -147,7 +147,9 @@ class CudaKVKernel(QServeKVKernel):
         torch.ops.qserve.kv_gather_dequant(kv_cache, p.block_table, p.seq_lens, p.cu_seqlens_k, k, v,
                                            s.num_kv_heads, s.bits)
         if key_center is not None:
-            key_center.add_to_(k, self._context_positions(p))
+            if p.context_positions is None:  # shared by every layer of the step
+                p.context_positions = self._context_positions(p)
+            key_center.add_to_(k, p.context_positions, max_position=p.max_seq_len - 1)
         t0, t1 = md.num_decode_tokens, md.num_actual_tokens
         self._flash_attn_varlen(q=query[t0:t1], k=k, v=v, max_seqlen_q=p.max_query_len, cu_seqlens_q=p.cu_seqlens_q,
                                 max_seqlen_k=p.max_seq_len, cu_seqlens_k=p.cu_seqlens_k, softmax_scale=scale,

@@ -45,23 +45,27 @@ class KeyCenter:
         self.mean = mean.float()
         self.cos_sin = cos_sin.float()
 
-    def offset(self, positions: torch.Tensor) -> torch.Tensor:
-        """R_p m for positions [n] -> [n, Hkv, D] fp32."""
-        if positions.numel() and int(positions.max()) >= self.cos_sin.shape[0]:
-            raise ValueError(f"key centre: position {int(positions.max())} beyond the RoPE table "
-                             f"({self.cos_sin.shape[0]} positions)")
+    def offset(self, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
+        """R_p m for positions [n] -> [n, Hkv, D] fp32.  max_position: a bound the caller knows on the host (no
+        device sync); without it the positions are checked against the table here."""
+        top = max_position if max_position is not None else (int(positions.max()) if positions.numel() else -1)
+        if top >= self.cos_sin.shape[0]:
+            raise ValueError(f"key centre: position {top} beyond the RoPE table ({self.cos_sin.shape[0]} positions)")
         cos, sin = self.cos_sin[positions.long()].chunk(2, dim=-1)
         return rope_offset(self.mean, cos, sin)
 
-    def add_to_(self, keys: torch.Tensor, positions: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+    def add_to_(self, keys: torch.Tensor, positions: torch.Tensor, max_position: int | None = None,
+                chunk: int = 1 << 15) -> torch.Tensor:
         """keys [n, Hkv, D] += R_p m, in place, in chunks of positions (a gathered context of a large batch holds
-        ~10^6 keys: the fp32 offsets of all of them at once would take gigabytes)."""
+        ~10^6 keys: the fp32 offsets of all of them at once would take gigabytes).  max_position: as in offset()."""
         if keys.shape[0] != positions.shape[0] or keys.shape[1:] != self.mean.shape:
             raise ValueError(f"key centre [{tuple(self.mean.shape)}]: keys {tuple(keys.shape)} and positions "
                              f"{tuple(positions.shape)} do not match")
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else -1
         for i in range(0, keys.shape[0], chunk):
             k = keys[i:i + chunk]
-            k.copy_((k.float() + self.offset(positions[i:i + chunk])).to(k.dtype))
+            k.copy_((k.float() + self.offset(positions[i:i + chunk], max_position)).to(k.dtype))
         return keys
 
 
