@@ -346,3 +346,31 @@ def test_key_centred_checkpoints_take_no_decode_kernel_and_no_full_cuda_graphs()
     assert QServeKVMetadataBuilder.get_cudagraph_support(cfg(True), None) == AttentionCGSupport.NEVER
     assert (QServeKVMetadataBuilder.get_cudagraph_support(cfg(False), None)
             == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_builder_routes_every_request_of_a_key_centred_checkpoint_the_prefill_way(centred):
+    """A mixed batch (2 decodes, then a prompt and a chunk): with key centring no request is a decode and the
+    prefill metadata covers all four from query token 0; without it the decodes stay decodes."""
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from vllm_qserve.attention.backend import QServeKVMetadataBuilder
+
+    q_lens, seq_lens = [1, 1, 6, 3], [10, 4, 6, 9]
+    qsl = torch.tensor([0, 1, 2, 8, 11], dtype=torch.int32)
+    cm = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+                                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=4, num_actual_tokens=11,
+                                 max_query_len=6, max_seq_len=10, block_table_tensor=torch.arange(8).view(4, 2),
+                                 slot_mapping=torch.arange(11))
+    builder = QServeKVMetadataBuilder.__new__(QServeKVMetadataBuilder)  # build() needs no engine state
+    builder.no_decodes = centred
+    md = builder.build(0, cm)
+    first = 0 if centred else 2
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefills) == (first, first, 4 - first)
+    p = md.prefill
+    assert p.cu_seqlens_q.tolist() == (qsl[first:] - qsl[first]).tolist()
+    assert p.seq_lens_cpu.tolist() == seq_lens[first:] and p.query_lens_cpu.tolist() == q_lens[first:]
+    assert p.cu_seqlens_k.tolist() == [0, *torch.tensor(seq_lens[first:]).cumsum(0).tolist()]
+    assert p.total_kv_tokens == sum(seq_lens[first:]) and p.max_query_len == max(q_lens[first:])
+    assert torch.equal(p.block_table, cm.block_table_tensor[first:])
