@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.test_vllm_cpu_e2e import run_vllm
+from tests.test_vllm_cpu_e2e import greedy_steps_until_divergence, run_vllm
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]
 # nats: KV4 and int8 activation codes round differently in bf16 on the GPU (8 significant bits, 8x coarser than
@@ -41,17 +41,6 @@ def test_gemma3_gpu_greedy_equals_cpu_reference(ckpt):
     prompts = [torch.randint(3, min(vocab, 30000), (n,), generator=g).tolist() for n in (12, 40, 90)]
     out = run_vllm(model=ckpt, prompts=prompts, max_tokens=64, dtype="bfloat16", enforce_eager=False,
                    engine_kwargs={"block_size": 16})
-    compared = 0
-    for p, r in zip(prompts, out["generations"]):
-        with torch.no_grad():
-            logp = torch.log_softmax(sim(torch.tensor([p + r["token_ids"]])).double()[0], -1)
-        for step, tok in enumerate(r["token_ids"]):
-            pos = len(p) + step - 1
-            best = int(logp[pos].argmax())
-            if tok != best:
-                gap = float(logp[pos, best] - logp[pos, tok])
-                assert gap < TOL, f"step {step}: GPU token {tok}, reference {best}, gap {gap:.3f} nats (no tie)"
-                break
-            compared += 1
+    compared = greedy_steps_until_divergence(sim, prompts, out["generations"], TOL)
     print(f"{compared} greedy steps equal to the CPU reference")
     assert compared >= 16

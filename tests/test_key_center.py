@@ -293,7 +293,7 @@ def test_key_centred_checkpoint_on_the_gpu(outlier_workspace, tmp_path):
     (prompt log-probabilities: the prefill path) is the simulation's, and greedy generation (decode steps, which
     take the dequantize path too) follows the CPU reference of the same checkpoint up to near-ties."""
     from tests.test_quantize_e2e import _eval_cli, _quantize
-    from tests.test_vllm_cpu_e2e import run_vllm
+    from tests.test_vllm_cpu_e2e import greedy_steps_until_divergence, run_vllm
     from vllm_qserve.evaluate import load_sim_model
 
     ckpt = _quantize(outlier_workspace, "qoq-centred", "--group-size", "-1", "--key-center")
@@ -311,18 +311,7 @@ def test_key_centred_checkpoint_on_the_gpu(outlier_workspace, tmp_path):
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (9, 40, 75)]
     out = run_vllm(model=ckpt, prompts=prompts, max_tokens=32, dtype="float16", enforce_eager=False,
                    engine_kwargs={"block_size": 16, "max_num_batched_tokens": 64})
-    compared = 0
-    for p, r in zip(prompts, out["generations"]):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([p + r["token_ids"]])).double()[0], -1)
-        for step, tok in enumerate(r["token_ids"]):
-            pos = len(p) + step - 1
-            best = int(logp[pos].argmax())
-            if tok != best:
-                gap = float(logp[pos, best] - logp[pos, tok])
-                assert gap < 0.6, f"step {step}: GPU token {tok}, reference {best}, gap {gap:.3f} nats (no tie)"
-                break
-            compared += 1
+    compared = greedy_steps_until_divergence(model, prompts, out["generations"], tol=0.6)
     assert compared >= 24, f"only {compared} greedy steps equal the reference"
 
 
@@ -374,3 +363,22 @@ def test_builder_routes_every_request_of_a_key_centred_checkpoint_the_prefill_wa
     assert p.cu_seqlens_k.tolist() == [0, *torch.tensor(seq_lens[first:]).cumsum(0).tolist()]
     assert p.total_kv_tokens == sum(seq_lens[first:]) and p.max_query_len == max(q_lens[first:])
     assert torch.equal(p.block_table, cm.block_table_tensor[first:])
+
+
+def test_a_compilation_config_that_captures_the_centred_write_is_refused():
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from vllm_qserve.attention.backend import check_centred_write_outside_graphs
+
+    def cfg(mode, kv_update_split):
+        return SimpleNamespace(compilation_config=SimpleNamespace(
+            cudagraph_mode=mode, splitting_ops_contain_kv_cache_update=lambda: kv_update_split))
+
+    with pytest.raises(ValueError, match="needs the KV-cache update outside CUDA graphs"):
+        check_centred_write_outside_graphs(cfg(CUDAGraphMode.PIECEWISE, False), "cuda:0")
+    check_centred_write_outside_graphs(cfg(CUDAGraphMode.PIECEWISE, True), "cuda:0")  # vLLM's default
+    check_centred_write_outside_graphs(cfg(CUDAGraphMode.NONE, False), "cuda")  # eager
+    check_centred_write_outside_graphs(cfg(CUDAGraphMode.PIECEWISE, False), "cpu")  # no CUDA graphs on CPU

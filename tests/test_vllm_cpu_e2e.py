@@ -106,6 +106,43 @@ def check_against_reference(ckpt, generations, prompt_ids, tol=LOGPROB_TOL, min_
     return worst
 
 
+def greedy_steps_until_divergence(model, prompt_ids, generations, tol) -> int:
+    """Greedy tokens of an engine against a reference model (``model(ids [1, T]) -> logits [1, T, V]``): per
+    prompt, the steps whose token is the reference's argmax, up to the first that is not; that one must be a near
+    tie under the reference (gap < tol nats), after which the sequences may diverge.  Returns the steps counted."""
+    compared = 0
+    for p, r in zip(prompt_ids, generations):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + r["token_ids"]])).double()[0], -1)
+        for step, tok in enumerate(r["token_ids"]):
+            pos = len(p) + step - 1
+            best = int(logp[pos].argmax())
+            if tok != best:
+                gap = float(logp[pos, best] - logp[pos, tok])
+                assert gap < tol, f"step {step}: engine token {tok}, reference {best}, gap {gap:.3f} nats (no tie)"
+                break
+            compared += 1
+    return compared
+
+
+def test_greedy_steps_until_divergence_counts_and_rejects():
+    """The GPU greedy checks' helper, on a fixed reference: token t+1 follows token t, with a runner-up 0.1 nats
+    behind (token t+2) and everything else far behind."""
+    vocab = 10
+
+    def model(ids):
+        logits = torch.full((1, ids.shape[1], vocab), -20.0)
+        for i, t in enumerate(ids[0].tolist()):
+            logits[0, i, (t + 1) % vocab], logits[0, i, (t + 2) % vocab] = 0.0, -0.1
+        return logits
+
+    follow = {"token_ids": [2, 3, 4, 5]}  # prompt [0, 1]: always the argmax
+    tie = {"token_ids": [2, 4, 9, 9]}  # step 1 takes the runner-up, then diverges
+    assert greedy_steps_until_divergence(model, [[0, 1], [0, 1]], [follow, tie], tol=0.5) == 4 + 1
+    with pytest.raises(AssertionError, match="no tie"):
+        greedy_steps_until_divergence(model, [[0, 1]], [{"token_ids": [2, 7]}], tol=0.5)
+
+
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_w4a8_matches_reference(fixture_ckpt, tmp_path, group_size):
     ckpt = fixture_ckpt(group_size=group_size)

@@ -150,14 +150,8 @@ class QServeKVMetadataBuilder(AttentionMetadataBuilder[QServeKVMetadata]):
         # Key-centred checkpoints: the CUDA decode kernel does not add the key centre back, so every request goes
         # the prefill way (dequantize, add R_p m, FlashAttention); see CudaKVKernel.
         self.no_decodes = _key_centred(vllm_config)
-        cc = vllm_config.compilation_config
-        if (self.no_decodes and torch.device(device).type == "cuda" and cc.cudagraph_mode != CUDAGraphMode.NONE
-                and not cc.splitting_ops_contain_kv_cache_update()):
-            # The centred write computes token positions on the host side of eager code; inside a captured graph
-            # it would fail to capture or replay stale positions.
-            raise ValueError("qserve: a key-centred checkpoint needs the KV-cache update outside CUDA graphs "
-                             "(vllm::unified_kv_cache_update among the compilation splitting ops, vLLM's default); "
-                             "this compilation config captures it: use the default splitting ops or --enforce-eager")
+        if self.no_decodes:
+            check_centred_write_outside_graphs(vllm_config, device)
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -255,7 +249,8 @@ class QServeKVImpl(AttentionImpl):
 
             md = get_attention_context(layer.layer_name)[0]
             if md is not None:  # (None: the profiling run, whose cache contents are never read)
-                offset = center.offset(_new_token_positions(md, slot_mapping.shape[0])).to(key.device)
+                positions = _new_token_positions(md, slot_mapping.shape[0])
+                offset = center.offset(positions, max_position=md.max_seq_len - 1)  # a host bound: no sync
         kernel.write(key, value, kv_cache, slot_mapping, key_offset=offset)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -274,6 +269,18 @@ class QServeKVImpl(AttentionImpl):
 def _key_centred(vllm_config) -> bool:
     """The served checkpoint centres its keys (quantization_config.key_center)."""
     return bool(getattr(getattr(vllm_config, "quant_config", None), "key_center", False))
+
+
+def check_centred_write_outside_graphs(vllm_config, device) -> None:
+    """The centred KV write keeps per-step Python state (token positions cached on the step's metadata, a host
+    bound on them): a captured CUDA graph would replay the capture's.  vLLM's default splitting ops keep the
+    KV-cache update out of the graphs; refuse a compilation config that puts it in."""
+    cc = vllm_config.compilation_config
+    if (torch.device(device).type == "cuda" and cc.cudagraph_mode != CUDAGraphMode.NONE
+            and not cc.splitting_ops_contain_kv_cache_update()):
+        raise ValueError("qserve: a key-centred checkpoint needs the KV-cache update outside CUDA graphs "
+                         "(vllm::unified_kv_cache_update among the compilation splitting ops, vLLM's default); "
+                         "this compilation config captures it: use the default splitting ops or --enforce-eager")
 
 
 def _new_token_positions(md: "QServeKVMetadata", num_tokens: int) -> torch.Tensor:

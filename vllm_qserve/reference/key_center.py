@@ -71,10 +71,10 @@ class KeyCenter:
 
 def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Position of each of the batch's first num_tokens tokens: request r's tokens are the last q_r of its
-    seq_len_r.  Padding tokens past the batch's last request (slot -1, never written) get position 0."""
+    seq_len_r.  Padding tokens past the batch's last request (slot -1, never written) get position 0.  Only
+    fixed-size device ops (no host sync): every key-centred write of a step runs it."""
     qsl = query_start_loc.long()
-    n = qsl[1:] - qsl[:-1]
-    req = torch.repeat_interleave(torch.arange(n.numel(), device=qsl.device), n)[:num_tokens]
-    tok = torch.arange(req.numel(), device=qsl.device)
-    pos = seq_lens.long()[req] - n[req] + (tok - qsl[req])
-    return torch.nn.functional.pad(pos, (0, num_tokens - pos.numel()))
+    tok = torch.arange(num_tokens, device=qsl.device)
+    req = torch.searchsorted(qsl[1:], tok, right=True).clamp(max=qsl.numel() - 2)  # request of each token
+    pos = seq_lens.long()[req] - (qsl[req + 1] - tok)
+    return torch.where(tok < qsl[-1], pos, torch.zeros_like(pos))
