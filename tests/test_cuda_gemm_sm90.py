@@ -27,14 +27,15 @@ pytestmark = [
 DEV = "cuda"
 
 
-@pytest.fixture(autouse=True, params=["ws", "v1"])
+@pytest.fixture(autouse=True, params=["auto", "ws", "v1"])
 def wgmma_impl(request, monkeypatch):
-    """Every test runs on both large-M kernels: v2 (warp-specialized, TMA; the default) and v1 (cp.async).  The
-    launcher reads QSERVE_WGMMA_IMPL at every call; M <= 512 uses the v1 structure in both runs."""
+    """Every test runs with the launcher's own choice ("auto") and with each kernel forced at every M > 128: v2
+    (warp-specialized, TMA) and v1 (cp.async), so both are checked on every shape whatever the launcher picks.
+    The launcher reads QSERVE_WGMMA_IMPL at every call; M <= 128 uses the small v1 tiles in all three runs."""
     monkeypatch.setenv("QSERVE_WGMMA_IMPL", request.param)
     return request.param
 MODES = ["per_channel", "per_group"]
-ALL_M = [1, 7, 64, 129, 1000, 4096]
+ALL_M = [1, 7, 64, 129, 300, 1000, 4096]
 # Llama-3-8B projections (qkv, o, gate_up, down) and N that are multiples of 32 but not of the 128/256-channel
 # CTA tiles, with K multiples of 128 (one pipeline stage) down to a single stage.
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
@@ -84,7 +85,7 @@ def test_odd_shapes(mode, nk):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("nk", LLAMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_llama_shapes(mode, nk):
-    ms = ALL_M if nk != (28672, 4096) else [1, 129, 1000, 4096]
+    ms = ALL_M if nk != (28672, 4096) else [1, 129, 256, 1000, 4096]
     _check(mode, *nk, ms, bias_kinds=(None, "same"))
 
 

@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--key-center", action="store_true",
                    help="store each layer's mean pre-RoPE key; the KV4/KV8 cache then holds RoPE(k - m) (exact; "
                         "fixes 4-bit keys of models with constant key channels such as Qwen2.5, docs/accuracy.md). "
-                        "Llama/Qwen2/Mistral; served by the PyTorch KV path (CPU) until the CUDA decode kernel "
-                        "supports it")
+                        "Llama/Qwen2/Mistral; on CUDA such checkpoints decode through the dequantize + FlashAttention "
+                        "path (the fused KV4 decode kernel does not add R_p m back yet)")
     q.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
     q.set_defaults(func=_cmd_quantize)
 

@@ -25,11 +25,16 @@ using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
 using CfgLargeWs = WsConfig<128, 5>;  // v2: producer warpgroup + TMA (w4a8_wgmma_ws_kernel.cuh)
 
-// QSERVE_WGMMA_IMPL=v1 keeps the large-M tiles on the v1 (cp.async, all-threads) kernel; read per launch so that
-// a benchmark can compare both in one process.  Default: v2.
-bool use_v1() {
+// QSERVE_WGMMA_IMPL, read per launch so that a benchmark or a test can compare the kernels in one process:
+//   unset / "auto": launch_by_m's choice;  "v1": the v1 (cp.async, all-threads) kernel at every M;
+//   "ws": the v2 (warp-specialized) kernel at every M > 128.
+enum class Impl { kAuto, kV1, kWs };
+Impl impl_override() {
   const char* v = std::getenv("QSERVE_WGMMA_IMPL");
-  return v != nullptr && std::strcmp(v, "v1") == 0;
+  if (v == nullptr) return Impl::kAuto;
+  if (std::strcmp(v, "v1") == 0) return Impl::kV1;
+  if (std::strcmp(v, "ws") == 0) return Impl::kWs;
+  return Impl::kAuto;
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
@@ -106,10 +111,20 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
 
 template <Mode MODE, typename OutT>
 cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
+  const Impl impl = impl_override();
   if (p.M <= 128) return launch_cfg<MODE, CfgSmall, OutT>(p, stream);
-  if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
-  if (use_v1()) return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
-  return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
+  if (impl == Impl::kV1) {
+    if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
+    return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
+  }
+  // v2 (256 x 128 tiles, 1 CTA/SM) once its grid covers the 132 SMs about once: every Llama shape from M > 512,
+  // and wide layers from M > 128 (gate_up N = 28672: 224 CTAs at M = 256).  Below that v1's 128-channel tiles at
+  // 2 CTAs/SM keep more SMs busy (o N = 4096 at M = 256: 32 v2 CTAs vs 64 v1 CTAs).  Run 4 measured v1's mid
+  // tiles at 711 TOP/s (gate_up M = 512) against v2's 1142 at M = 1024; run 5 measures the mid range itself.
+  const long ws_ctas = (long)((p.M + CfgLargeWs::kBN - 1) / CfgLargeWs::kBN) *
+                       ((p.N + CfgLargeWs::kChannels - 1) / CfgLargeWs::kChannels);
+  if (impl == Impl::kWs || p.M > 512 || ws_ctas >= 128) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
+  return launch_cfg<MODE, CfgMid, OutT>(p, stream);
 }
 
 }  // namespace
