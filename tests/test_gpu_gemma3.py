@@ -1,12 +1,13 @@
-"""GPU: a Gemma 3 W4A8KV4 checkpoint through vLLM on the GPU (bf16, as vLLM refuses fp16 for gemma3_text; compiled
+"""GPU: Gemma 3 W4A8KV4 checkpoints through vLLM on the GPU (bf16, as vLLM refuses fp16 for gemma3_text; compiled
 mode with CUDA graphs: the CUDA GEMMs, fused quantizers incl. gelu_tanh_mul_quant, the KV4 decode kernel with
-sliding windows and the windowed prefill) generates greedily what the CPU reference path predicts for 64 tokens
-(vllm_qserve.evaluate.load_sim_model: the quantizer's PyTorch model with QServe's numerics and simulated KV4).
+sliding windows and the windowed prefill), against the CPU reference path (vllm_qserve.evaluate.load_sim_model: the
+quantizer's PyTorch model with QServe's numerics and simulated KV4).
 
-Checkpoint: $QSERVE_GEMMA3_CKPT (e.g. a Gemma-3-270M QoQ checkpoint quantized on CPU and copied over), else a tiny
-random Gemma 3 (RTN, sliding window 16, head_dim 256).  A step where the GPU's token is not the reference's argmax
-must be a near tie under the reference (gap < tol nats), after which the sequences may diverge, and at least 16
-steps must have been compared.
+* A tiny random Gemma 3 (RTN, sliding window 16, head_dim 256): greedy generation equals the reference's argmax
+  for 64 tokens up to near-ties (random weights give flat, well-separated logits; a tie is rare).
+* The real Gemma-3-270M (QoQ g128; $QSERVE_GEMMA3_CKPT, or quantized here on the GPU from the GGUF that
+  `vllm-qserve fetch-gguf gemma3-270m` caches): a real model at bf16 cannot match an fp32 reference token for token,
+  so its greedy tokens are judged against the noise floor measured in the same run (tests/greedy_reference.py).
 """
 
 import os
@@ -24,9 +25,6 @@ TOL = 1.0
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = os.environ.get("QSERVE_GEMMA3_CKPT")
-    if path:
-        return path
     from vllm_qserve.convert.fixture import make_gemma3_fixture_checkpoint
 
     return make_gemma3_fixture_checkpoint(str(tmp_path_factory.mktemp("gemma3-gpu")), group_size=128, kv_bits=4)[0]
@@ -44,3 +42,47 @@ def test_gemma3_gpu_greedy_equals_cpu_reference(ckpt):
     compared = greedy_steps_until_divergence(sim, prompts, out["generations"], TOL)
     print(f"{compared} greedy steps equal to the CPU reference")
     assert compared >= 16
+
+
+REAL_PROMPTS = [
+    "The capital of France is",
+    "Photosynthesis is the process by which",
+    "A patient presents with a persistent cough and mild fever. The differential diagnosis includes",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+]
+# Bounds (see tests/greedy_reference.py): vLLM's share of fp32-argmax steps at most 10 points below the bf16
+# reference's, its mean gap at most 2x the reference's + 0.1 nats; absolute floors for a broken kernel (near-zero
+# agreement, gaps of whole nats) that a bf16 reference of this model clears by far (CPU: see docs/accuracy.md).
+REAL_BOUNDS = dict(agreement_margin=0.10, min_agreement=0.50, gap_factor=2.0, gap_slack=0.10, max_mean_gap=0.60)
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory):
+    path = os.environ.get("QSERVE_GEMMA3_CKPT")
+    if path:
+        return path
+    import subprocess
+    import sys
+
+    from vllm_qserve.convert.gguf import GGUFFetchError, fetch_known_gguf
+
+    try:
+        gguf = fetch_known_gguf("gemma3-270m")
+    except GGUFFetchError as e:
+        pytest.skip(f"Gemma-3-270M is not available here: {e}")
+    out = str(tmp_path_factory.mktemp("gemma3-270m") / "qoq-g128")
+    subprocess.run([sys.executable, "-m", "vllm_qserve.cli", "quantize", "--model", gguf, "--output", out,
+                    "--group-size", "128", "--kv-bits", "4", "--calib-samples", "16"], check=True)
+    return out
+
+
+def test_real_gemma3_greedy_follows_reference(real_ckpt):
+    from transformers import AutoTokenizer
+
+    from tests.greedy_reference import assert_follows_reference, compare_with_reference
+
+    tok = AutoTokenizer.from_pretrained(real_ckpt)
+    prompts = [tok(p)["input_ids"] for p in REAL_PROMPTS]  # with <bos>: Gemma is trained with it
+    assert all(p[0] == tok.bos_token_id for p in prompts)
+    stats = compare_with_reference(real_ckpt, prompts, "bfloat16", 64, decode=tok.decode)
+    assert_follows_reference(stats, **REAL_BOUNDS)

@@ -66,67 +66,17 @@ def checkpoint(tmp_path_factory):
     return _checkpoint(tmp_path_factory)
 
 
-def _vllm_generate(ckpt: str, prompts: list) -> list:
-    args = {"model": ckpt, "dtype": "float16", "prompts": prompts, "max_tokens": NEW_TOKENS,
-            "enforce_eager": False, "engine_kwargs": {"max_model_len": 512, "gpu_memory_utilization": 0.3,
-                                                    "kv_cache_memory_bytes": 1 << 30}}
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "vllm_runner.py"), json.dumps(args)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT_JSON ")]
-    assert proc.returncode == 0 and lines, f"vLLM run failed:\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT_JSON "):])["generations"]
-
-
-def _fp32_gaps(ref32, prompt: list, tokens: list) -> list:
-    """For each generated token: the fp32 reference's best log-probability minus that of the token (0 = argmax),
-    teacher-forced on the tokens (every step is scored, not only those before a first difference)."""
-    import torch
-
-    with torch.no_grad():
-        logp = torch.log_softmax(ref32(torch.tensor([prompt + tokens]))[0].double(), -1)
-    rows = logp[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
-    return (rows.max(-1).values - rows.gather(1, torch.tensor(tokens)[:, None])[:, 0]).tolist()
-
-
-def _greedy(model, prompt: list, n: int) -> list:
-    import torch
-
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_greedy_generation_matches_reference(checkpoint):
-    import torch
     from transformers import AutoTokenizer
 
-    from vllm_qserve.evaluate import load_sim_model
+    from tests.greedy_reference import assert_follows_reference, compare_with_reference
 
     cfg = json.load(open(os.path.join(checkpoint, "config.json")))
     assert cfg["quantization_config"]["quant_method"] == "qserve" and cfg["quantization_config"]["kv_bits"] == 4
     tok = AutoTokenizer.from_pretrained(checkpoint)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    gens = _vllm_generate(checkpoint, prompts)
-
-    ref32 = load_sim_model(checkpoint, kv_bits=4, dtype=torch.float32, device="cpu")[0].eval()
-    ref16 = load_sim_model(checkpoint, kv_bits=4, dtype=torch.float16, device="cpu")[0].eval()
-    stats = {}
-    for name in ("vllm", "fp16 reference"):
-        gaps = []
-        for p, (prompt, gen) in enumerate(zip(prompts, gens)):
-            assert len(gen["token_ids"]) == NEW_TOKENS
-            tokens = gen["token_ids"] if name == "vllm" else _greedy(ref16, prompt, NEW_TOKENS)
-            gaps += _fp32_gaps(ref32, prompt, tokens)
-            print(f"{name}, prompt {p}: {tok.decode(tokens)!r}")
-        stats[name] = {"agreement": sum(g == 0.0 for g in gaps) / len(gaps), "mean_gap": sum(gaps) / len(gaps),
-                       "max_gap": max(gaps)}
-    print(f"against the fp32 reference: {stats}")  # printed before any assertion: one GPU run shows it all
-    ours, floor = stats["vllm"], stats["fp16 reference"]
-    assert ours["agreement"] >= max(floor["agreement"] - AGREEMENT_MARGIN, MIN_AGREEMENT), stats
-    assert ours["mean_gap"] <= min(GAP_FACTOR * floor["mean_gap"] + GAP_SLACK, MAX_MEAN_GAP), stats
+    stats = compare_with_reference(checkpoint, prompts, "float16", NEW_TOKENS, decode=tok.decode)
+    assert_follows_reference(stats, AGREEMENT_MARGIN, MIN_AGREEMENT, GAP_FACTOR, GAP_SLACK, MAX_MEAN_GAP)
 
 
 def test_vllm_serve_answers_openai_requests(checkpoint, tmp_path):

@@ -26,8 +26,8 @@ using CfgLarge = Config<2, 128, 5>;
 using CfgLargeWs = WsConfig<128, 5>;  // v2: producer warpgroup + TMA (w4a8_wgmma_ws_kernel.cuh)
 
 // QSERVE_WGMMA_IMPL, read per launch so that a benchmark or a test can compare the kernels in one process:
-//   unset / "auto": launch_by_m's choice;  "v1": the v1 (cp.async, all-threads) kernel at every M;
-//   "ws": the v2 (warp-specialized) kernel at every M > 128.
+//   unset / "auto" / "ws": launch_by_m's choice (v2, warp-specialized, at every M > 128);
+//   "v1": the v1 (cp.async, all-threads) kernel at every M (kept for comparison and as a fallback).
 enum class Impl { kAuto, kV1, kWs };
 Impl impl_override() {
   const char* v = std::getenv("QSERVE_WGMMA_IMPL");
@@ -117,14 +117,11 @@ cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
     if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
     return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
   }
-  // v2 (256 x 128 tiles, 1 CTA/SM) once its grid covers the 132 SMs about once: every Llama shape from M > 512,
-  // and wide layers from M > 128 (gate_up N = 28672: 224 CTAs at M = 256).  Below that v1's 128-channel tiles at
-  // 2 CTAs/SM keep more SMs busy (o N = 4096 at M = 256: 32 v2 CTAs vs 64 v1 CTAs).  Run 4 measured v1's mid
-  // tiles at 711 TOP/s (gate_up M = 512) against v2's 1142 at M = 1024; run 5 measures the mid range itself.
-  const long ws_ctas = (long)((p.M + CfgLargeWs::kBN - 1) / CfgLargeWs::kBN) *
-                       ((p.N + CfgLargeWs::kChannels - 1) / CfgLargeWs::kChannels);
-  if (impl == Impl::kWs || p.M > 512 || ws_ctas >= 128) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
-  return launch_cfg<MODE, CfgMid, OutT>(p, stream);
+  // v2 (warp-specialized, 256 x 128 tiles) from M > 128 on every shape.  Run 5 (bench_gemm_sm90.py, M = 192-512,
+  // docs/kernels/gemm_sm90.md) measured it faster than v1's 1-warpgroup mid tiles at every M and Llama shape there,
+  // by 8-25% on the 4096-wide layers even though its grid is small (o at M = 256: 32 CTAs vs 64): two consumer
+  // warpgroups keep the tensor cores fed where v1 waits on each stage's copies and wgmmas.
+  return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
 }
 
 }  // namespace

@@ -25,12 +25,12 @@ logger = init_logger(f"vllm.{__name__}")
 # shapes (docs/kernels/gemm_sm90.md, benchmarks/results/bench_gemm_sm90_h100.json):
 #  * N >= 16384 (gate_up 28672): wgmma is already as fast as mma.sync at M = 1-16 and 2.2x faster at M = 64 (its
 #    128-channel CTAs give N/128 = 224 CTAs, plenty for 132 SMs): from 64 rows on.
-#  * N ~ 4096-6144 (qkv, o, down): at 128 <= M <= 256 the 128-token wgmma tiles leave most SMs idle (64 CTAs for
-#    N = 4096, M = 256) and mma.sync's 64x64 tiles win by 5-40%; from 512 rows on wgmma wins (1.2-1.4x at 512,
-#    1.7-2.2x at >= 1024).
+#  * N ~ 4096-6144 (qkv, o, down): up to M = 256 mma.sync's 64x64 tiles win (o / down at M = 256: 25.9 / 71.6 us vs
+#    32.9 / 82.9 us for wgmma); above 256 mma.sync steps to its 128-token tiles and wgmma's warp-specialized kernel
+#    wins by 1.2-1.8x (M = 320: qkv 33.6 vs 60.2 us, o 33.1 vs 41.6, down 81.5 vs 124.0; session 6, run 5).
 WIDE_N = 16384
 WGMMA_MIN_M_WIDE = 64
-WGMMA_MIN_M = 512
+WGMMA_MIN_M = 257
 _logged: set = set()
 
 
