@@ -268,3 +268,21 @@ def test_dummy_weights_on_the_gpu_through_the_cuda_kernels(weight_bits, group_si
     assert bool(torch.isfinite(y).all())
     assert torch.equal(y, ref)
     assert 0.5 * TARGET_WEIGHT_STD < float(y.float().std()) < 2 * TARGET_WEIGHT_STD
+
+
+def test_serving_report_table_and_plot(tmp_path, capsys):
+    """`bench_serving --report-only` prints the markdown table and writes the PNG from a results JSON."""
+    from vllm_qserve.benchmark import serving as bs
+
+    out = tmp_path / "serving.json"
+    rec = {"model": "llama-3-8b", "input_len": 1024, "output_len": 512, "requests": 128, "gpu": "test-gpu",
+           "ttft_ms_p99": 1000.0, "tpot_ms_p99": 9.0}
+    records = [dict(rec, config=c, concurrency=k, output_tok_s=t, ttft_ms_median=f, tpot_ms_median=p)
+               for c, k, t, f, p in (("w4a8kv4-pc", 16, 3000.0, 300.0, 5.0), ("w4a8kv4-pc", 64, 7680.0, 515.0, 7.2),
+                                     ("fp8", 64, 6964.0, 376.0, 8.2))]
+    out.write_text(json.dumps({"protocol": "test", "runs": [], "records": records}))
+    assert bs.main(["--report-only", "--model", "llama-3-8b", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| w4a8kv4-pc | 64 | 128 | 7,680 |" in text and "| fp8 | 64 |" in text, text
+    png = tmp_path / "serving_llama-3-8b.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -177,7 +177,51 @@ def markdown_table(records: list, model: str) -> str:
     return "\n".join(lines)
 
 
+def plot(records: list, model: str, path: str) -> str | None:
+    """Bar charts of output tok/s, median TTFT and median TPOT per configuration and concurrency (PNG)."""
+    rows = [r for r in records if r["model"] == model]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    levels = sorted({r["concurrency"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    width = 0.8 / len(configs)
+    for ax, (key, label) in zip(axes, (("output_tok_s", "output tokens/s"), ("ttft_ms_median", "TTFT median (ms)"),
+                                       ("tpot_ms_median", "TPOT median (ms)"))):
+        for i, cfg in enumerate(configs):
+            by_c = {r["concurrency"]: r[key] for r in rows if r["config"] == cfg}
+            xs = [j + i * width for j, c in enumerate(levels) if c in by_c]
+            ax.bar(xs, [by_c[c] for c in levels if c in by_c], width, label=cfg)
+        ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(levels))], [f"C={c}" for c in levels])
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"vllm serve, {model}, {rows[0]['input_len']} in / {rows[0]['output_len']} out ({rows[0]['gpu']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(args) -> None:
+    records = load_results(args.out)["records"]
+    print(markdown_table(records, args.model), flush=True)
+    png = plot(records, args.model, os.path.splitext(args.out)[0] + f"_{args.model}.png")
+    if png:
+        log(f"plot: {png}")
+
+
 def run(args) -> int:
+    if args.report_only:
+        report(args)
+        return 0
     configs = parse_configs(args.configs)
     base = resolve_model(args.model)
     if os.path.isdir(args.model):
@@ -237,7 +281,7 @@ def run(args) -> int:
                 log(f"serve {cfg.name}: FAILED: {e}\n{server.tail()}")
             finally:
                 server.stop()
-    print(markdown_table(load_results(args.out)["records"], args.model), flush=True)
+    report(args)
     return 1 if failures else 0
 
 
@@ -257,6 +301,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--start-estimate-s", type=float, default=120.0)
     p.add_argument("--deadline-s", type=float, default=None)
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--report-only", action="store_true", help="print the table and plot from --out, run nothing")
     return p
 
 
