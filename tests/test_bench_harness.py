@@ -272,6 +272,7 @@ def test_dummy_weights_on_the_gpu_through_the_cuda_kernels(weight_bits, group_si
 
 def test_serving_report_table_and_plot(tmp_path, capsys):
     """`bench_serving --report-only` prints the markdown table and writes the PNG from a results JSON."""
+    pytest.importorskip("matplotlib")
     from vllm_qserve.benchmark import serving as bs
 
     out = tmp_path / "serving.json"

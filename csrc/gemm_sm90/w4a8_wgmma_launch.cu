@@ -14,27 +14,23 @@ namespace qserve {
 namespace gemm_sm90 {
 namespace {
 
-// Tile table, by M (tokens).  A CTA is kWGs warpgroups x 128 channels by kBN tokens; the grid is
+// Tile table, by M (tokens).  A CTA is kWGs consumer warpgroups x 128 channels by kBN tokens; the grid is
 // ceil(M/kBN) x ceil(N/(128*kWGs)) CTAs on 132 SMs:
-//  * M > 512: 2 warpgroups (256 channels) x 128 tokens, 5 stages (175 KB of shared memory, 1 CTA/SM): the most
-//    MACs per byte staged (the weight tile is 4-bit, so wide channel tiles are cheap).
-//  * 128 < M <= 512: 1 warpgroup x 128 tokens, 4 stages (~100 KB, 2 CTAs/SM): twice the CTAs along N.
-//  * M <= 128: 1 warpgroup x 64 tokens (wgmma n64), 4 stages.
+//  * M > 128: v2 (w4a8_wgmma_ws_kernel.cuh): a producer warpgroup (TMA / bulk copies) and 2 consumer warpgroups
+//    (256 channels) x 128 tokens, 5 stages (175 KB of shared memory, 1 CTA/SM): the most MACs per byte staged (the
+//    weight tile is 4-bit, so wide channel tiles are cheap), and two consumers hide each other's conversion.
+//  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM.
+// v1's larger tiles (CfgMid: 1 warpgroup x 128 tokens; CfgLarge: 2 warpgroups x 128 tokens, cp.async) run only with
+// QSERVE_WGMMA_IMPL=v1 (read per launch, so that a benchmark or a test can compare both kernels in one process).
+// Run 5 (docs/kernels/gemm_sm90.md) measured v2 faster than CfgMid at every M = 192-512 and Llama shape.
 using CfgSmall = Config<1, 64, 4>;
 using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
-using CfgLargeWs = WsConfig<128, 5>;  // v2: producer warpgroup + TMA (w4a8_wgmma_ws_kernel.cuh)
+using CfgLargeWs = WsConfig<128, 5>;
 
-// QSERVE_WGMMA_IMPL, read per launch so that a benchmark or a test can compare the kernels in one process:
-//   unset / "auto" / "ws": launch_by_m's choice (v2, warp-specialized, at every M > 128);
-//   "v1": the v1 (cp.async, all-threads) kernel at every M (kept for comparison and as a fallback).
-enum class Impl { kAuto, kV1, kWs };
-Impl impl_override() {
+bool use_v1() {
   const char* v = std::getenv("QSERVE_WGMMA_IMPL");
-  if (v == nullptr) return Impl::kAuto;
-  if (std::strcmp(v, "v1") == 0) return Impl::kV1;
-  if (std::strcmp(v, "ws") == 0) return Impl::kWs;
-  return Impl::kAuto;
+  return v != nullptr && std::strcmp(v, "v1") == 0;
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
@@ -111,16 +107,11 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
 
 template <Mode MODE, typename OutT>
 cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
-  const Impl impl = impl_override();
   if (p.M <= 128) return launch_cfg<MODE, CfgSmall, OutT>(p, stream);
-  if (impl == Impl::kV1) {
+  if (use_v1()) {
     if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
     return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
   }
-  // v2 (warp-specialized, 256 x 128 tiles) from M > 128 on every shape.  Run 5 (bench_gemm_sm90.py, M = 192-512,
-  // docs/kernels/gemm_sm90.md) measured it faster than v1's 1-warpgroup mid tiles at every M and Llama shape there,
-  // by 8-25% on the 4096-wide layers even though its grid is small (o at M = 256: 32 CTAs vs 64): two consumer
-  // warpgroups keep the tensor cores fed where v1 waits on each stage's copies and wgmmas.
   return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
 }
 

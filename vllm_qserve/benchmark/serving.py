@@ -182,6 +182,8 @@ def plot(records: list, model: str, path: str) -> str | None:
     rows = [r for r in records if r["model"] == model]
     if not rows:
         return None
+    # one protocol per plot: the lengths of the first record (a JSON may also hold other input / output lengths)
+    rows = [r for r in rows if (r["input_len"], r["output_len"]) == (rows[0]["input_len"], rows[0]["output_len"])]
     try:
         import matplotlib
 
@@ -219,13 +221,13 @@ def report(args) -> None:
 
 
 def run(args) -> int:
+    base = None if args.report_only else resolve_model(args.model)
+    if os.path.isdir(args.model):  # records are keyed by the folder's name
+        args.model = os.path.basename(os.path.normpath(args.model))
     if args.report_only:
         report(args)
         return 0
     configs = parse_configs(args.configs)
-    base = resolve_model(args.model)
-    if os.path.isdir(args.model):
-        args.model = os.path.basename(os.path.normpath(args.model))
     with open(os.path.join(base, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     gpu = gpu_name()

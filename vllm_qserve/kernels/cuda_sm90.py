@@ -22,12 +22,14 @@ from vllm_qserve.kernels.cuda import CudaW4A8Kernel
 logger = init_logger(f"vllm.{__name__}")
 
 # Rows (tokens) from which the wgmma kernel runs, by layer width.  Measured on an H100 SXM, both modes, Llama-3-8B
-# shapes (docs/kernels/gemm_sm90.md, benchmarks/results/bench_gemm_sm90_h100.json):
+# shapes (docs/kernels/gemm_sm90.md: benchmarks/results/bench_gemm_sm90_h100.json, and for 128 < M <= 512
+# bench_gemm_sm90_mid_h100.json):
 #  * N >= 16384 (gate_up 28672): wgmma is already as fast as mma.sync at M = 1-16 and 2.2x faster at M = 64 (its
 #    128-channel CTAs give N/128 = 224 CTAs, plenty for 132 SMs): from 64 rows on.
-#  * N ~ 4096-6144 (qkv, o, down): up to M = 256 mma.sync's 64x64 tiles win (o / down at M = 256: 25.9 / 71.6 us vs
-#    32.9 / 82.9 us for wgmma); above 256 mma.sync steps to its 128-token tiles and wgmma's warp-specialized kernel
-#    wins by 1.2-1.8x (M = 320: qkv 33.6 vs 60.2 us, o 33.1 vs 41.6, down 81.5 vs 124.0; session 6, run 5).
+#  * N ~ 4096-6144 (qkv, o, down): up to M = 256 mma.sync's 64x64 tiles win on o and down (M = 256: 25.9 / 71.6 us
+#    vs 32.9 / 82.9 us for wgmma) and are within 10% either way on qkv (M = 192: 30.9 vs 33.7 us; 256: 34.8 vs
+#    33.0); above 256 mma.sync steps to its 128-token tiles and wgmma wins by 1.2-1.8x (M = 320: qkv 33.6 vs 60.2 us,
+#    o 33.1 vs 41.6, down 81.5 vs 124.0).  One threshold for the three keeps the rule simple.
 WIDE_N = 16384
 WGMMA_MIN_M_WIDE = 64
 WGMMA_MIN_M = 257
