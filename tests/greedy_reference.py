@@ -20,6 +20,27 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def real_checkpoint(env_var: str, gguf_name: str, out_dir: str, group_size: int) -> str:
+    """The real model's QServe checkpoint for a GPU test: $env_var if set, else a QoQ W4A8KV4 one quantized here
+    from the cached GGUF (`vllm-qserve fetch-gguf <gguf_name>`; 16 calibration sequences sampled from the model).
+    Skips the test when neither is there."""
+    import pytest
+
+    given = os.environ.get(env_var)
+    if given:
+        return given
+    from vllm_qserve.convert.gguf import GGUFFetchError, fetch_known_gguf
+
+    try:
+        gguf = fetch_known_gguf(gguf_name)
+    except GGUFFetchError as e:
+        pytest.skip(f"{gguf_name} is not available here: {e}")
+    out = os.path.join(out_dir, f"qoq_w4a8kv4_g{group_size}")
+    subprocess.run([sys.executable, "-m", "vllm_qserve.cli", "quantize", "--model", gguf, "--output", out,
+                    "--group-size", str(group_size), "--kv-bits", "4", "--calib-samples", "16"], check=True, cwd=ROOT)
+    return out
+
+
 def vllm_generate(ckpt: str, prompts: list, dtype: str, max_tokens: int, max_model_len: int = 512) -> list:
     """Greedy generations of vLLM (compiled, CUDA graphs) in a fresh process (tests/vllm_runner.py)."""
     args = {"model": ckpt, "dtype": dtype, "prompts": prompts, "max_tokens": max_tokens, "enforce_eager": False,

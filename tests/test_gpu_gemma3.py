@@ -58,23 +58,9 @@ REAL_BOUNDS = dict(agreement_margin=0.10, min_agreement=0.50, gap_factor=2.0, ga
 
 @pytest.fixture(scope="module")
 def real_ckpt(tmp_path_factory):
-    path = os.environ.get("QSERVE_GEMMA3_CKPT")
-    if path:
-        return path
-    import subprocess
-    import sys
+    from tests.greedy_reference import real_checkpoint
 
-    from vllm_qserve.convert.gguf import GGUFFetchError, fetch_known_gguf
-
-    try:
-        gguf = fetch_known_gguf("gemma3-270m")
-    except GGUFFetchError as e:
-        pytest.skip(f"Gemma-3-270M is not available here: {e}")
-    out = str(tmp_path_factory.mktemp("gemma3-270m") / "qoq-g128")
-    subprocess.run([sys.executable, "-m", "vllm_qserve.cli", "quantize", "--model", gguf, "--output", out,
-                    "--group-size", "128", "--kv-bits", "4", "--calib-samples", "16"], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return out
+    return real_checkpoint("QSERVE_GEMMA3_CKPT", "gemma3-270m", str(tmp_path_factory.mktemp("gemma3-270m")), 128)
 
 
 def test_real_gemma3_greedy_follows_reference(real_ckpt):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -25,7 +23,6 @@ from tests.conftest import requires_gpu
 
 pytestmark = requires_gpu
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -45,25 +42,11 @@ MIN_AGREEMENT, MAX_MEAN_GAP = 0.70, 0.30  # absolute bounds; H100 session 5: 0.8
 GAP_FACTOR, GAP_SLACK = 2.0, 0.05  # vLLM's mean gap <= 2 x the fp16 reference's + 0.05 nats
 
 
-def _checkpoint(tmp_path_factory) -> str:
-    given = os.environ.get("VLLM_QSERVE_TEST_CHECKPOINT")
-    if given:
-        return given
-    from vllm_qserve.convert.gguf import GGUFFetchError, fetch_known_gguf
-
-    try:
-        gguf = fetch_known_gguf("smollm2-135m")
-    except GGUFFetchError as e:
-        pytest.skip(f"SmolLM2-135M is not available here: {e}")
-    out = str(tmp_path_factory.mktemp("smollm2") / "qoq_w4a8kv4")
-    subprocess.run([sys.executable, "-m", "vllm_qserve.cli", "quantize", "--model", gguf, "--output", out,
-                    "--group-size", "-1", "--kv-bits", "4", "--calib-samples", "16"], check=True, cwd=ROOT)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return _checkpoint(tmp_path_factory)
+    from tests.greedy_reference import real_checkpoint
+
+    return real_checkpoint("VLLM_QSERVE_TEST_CHECKPOINT", "smollm2-135m", str(tmp_path_factory.mktemp("smollm2")), -1)
 
 
 def test_greedy_generation_matches_reference(checkpoint):
