@@ -3,7 +3,13 @@ silu_mul_quant}) against the unfused pair it replaces: vLLM's CUDA kernel (_C.rm
 _C.silu_and_mul, what eager mode runs) or the Inductor-compiled native op (what compiled mode runs without our
 pass), followed by torch.ops.qserve.quantize_per_token.
 
-    python benchmarks/bench_fused_quant.py [--m 1,16,256,4096] [--k 4096,14336] [--dtype float16] [--out-dir DIR]
+    python benchmarks/bench_fused_quant.py [--m 1,16,256,4096] [--k 4096,14336] [--dtype float16] [--ops ...]
+                                          [--out-dir DIR]
+
+silu_mul_quant at M >= 1024 also gets the columns fused_batch1 / fused_batch4: the same op with
+QSERVE_FUSED_QUANT_GATED_BATCH = 1 (version 1's launch: one vector per thread, up to 1024 threads per row) or 4
+(128-thread CTAs); the `fused` column is the default launch (batch 2, 256-thread CTAs).  `GB/s` = bytes read and
+written by the fused op over its time.
 
 Times are triton.testing.do_bench medians (CUDA events, L2 flushed before every call); K is the quantized width
 (SiLU-and-mul reads 2K).  Writes DIR/bench_fused_quant.json and DIR/bench_fused_quant.png (DIR defaults to
@@ -26,6 +32,7 @@ from vllm_qserve.fusion.fused_ops import fused_ops_available
 
 EPS = 1e-5
 OPS = ("rms_norm_quant", "add_rms_norm_quant", "silu_mul_quant")
+BATCHED_MIN_ROWS = 1024
 
 
 def bench(fn) -> float:
@@ -85,8 +92,18 @@ def cases(kind: str, m: int, k: int, dtype: torch.dtype, with_sum: bool) -> dict
 
     compiled = torch.compile(
         lambda a: quant(torch.nn.functional.silu(a[:, :k]) * a[:, k:], with_sum), dynamic=True)
-    return {"fused": lambda: torch.ops.qserve.silu_mul_quant(x, with_sum), "unfused_vllm_c": vllm_c,
-            "unfused_inductor": lambda: compiled(x)}
+    fused = {"fused": lambda: torch.ops.qserve.silu_mul_quant(x, with_sum)}
+    if m >= BATCHED_MIN_ROWS:  # the batch switch changes the launch only there (csrc: kBatchedMinRows)
+        fused.update({f"fused_batch{b}": lambda: torch.ops.qserve.silu_mul_quant(x, with_sum) for b in (1, 4)})
+    return {**fused, "unfused_vllm_c": vllm_c, "unfused_inductor": lambda: compiled(x)}
+
+
+def fused_bytes(kind: str, m: int, k: int, dtype: torch.dtype) -> int:
+    """Bytes the fused op must move: its inputs once, int8 out, fp32 scale and sum (and the new residual)."""
+    e = torch.finfo(dtype).bits // 8
+    reads = {"rms_norm_quant": m * k * e, "add_rms_norm_quant": 2 * m * k * e, "silu_mul_quant": 2 * m * k * e}[kind]
+    writes = m * k + 8 * m + (m * k * e if kind == "add_rms_norm_quant" else 0)
+    return reads + writes
 
 
 def plot(results, path, ks):
@@ -98,15 +115,17 @@ def plot(results, path, ks):
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    fig, axes = plt.subplots(1, len(OPS), figsize=(5 * len(OPS), 4), squeeze=False)
-    for ax, kind in zip(axes[0], OPS):
+    ops = [o for o in OPS if any(r["op"] == o for r in results)]  # --ops may have measured a subset
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    for ax, kind in zip(axes[0], ops):
         for k, style in zip(ks, ("-", "--", ":", "-.")):
             rows = [r for r in results if r["op"] == kind and r["K"] == k]
             ms = [r["M"] for r in rows]
-            for col, color in (("fused", "C0"), ("unfused_vllm_c", "C1"), ("unfused_inductor", "C2")):
-                ys = [r[col] for r in rows]
-                if all(y is not None for y in ys):
-                    ax.plot(ms, ys, style, color=color, marker="o", label=f"{col} K={k}")
+            for col, color in (("fused", "C0"), ("fused_batch1", "C3"), ("unfused_vllm_c", "C1"),
+                               ("unfused_inductor", "C2")):
+                pts = [(m, r.get(col)) for m, r in zip(ms, rows) if r.get(col) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, marker="o", label=f"{col} K={k}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens (M)")
@@ -120,12 +139,19 @@ def plot(results, path, ks):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot-only", metavar="JSON", help="re-plot a results file of this script (no GPU needed)")
     ap.add_argument("--m", default="1,16,256,4096")
     ap.add_argument("--k", default="4096,14336")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--no-sum", action="store_true", help="with_sum=False (group-128 / W8A8 layers)")
+    ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.plot_only:
+        with open(args.plot_only) as fh:
+            results = json.load(fh)["results"]
+        plot(results, os.path.splitext(args.plot_only)[0] + ".png", sorted({r["K"] for r in results}))
+        return
     assert torch.cuda.is_available() and fused_ops_available(), "needs a GPU and the extension with the fused ops"
     ms = [int(v) for v in args.m.split(",")]
     ks = [int(v) for v in args.k.split(",")]
@@ -134,22 +160,32 @@ def main():
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  {args.dtype}  with_sum={with_sum}")
     results = []
-    grid = [(kind, k, m) for kind in OPS for k in ks for m in ms]
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise SystemExit(f"--ops: unknown op(s) {unknown}; choose from {OPS}")
+    grid = [(kind, k, m) for kind in ops for k in ks for m in ms]
     for kind, k, m in tqdm(grid, desc="bench_fused_quant"):
         row = {"op": kind, "K": k, "M": m, "dtype": args.dtype, "with_sum": with_sum}
         for col, fn in cases(kind, m, k, dtype, with_sum).items():
+            if col.startswith("fused_batch"):  # read by the launcher at every call
+                os.environ["QSERVE_FUSED_QUANT_GATED_BATCH"] = col[len("fused_batch"):]
             try:
                 row[col] = bench(fn)
             except Exception as e:  # noqa: BLE001  (a failing baseline must not stop the table)
                 row[col] = None
                 row[col + "_error"] = str(e).splitlines()[0][:200]
+            finally:
+                os.environ.pop("QSERVE_FUSED_QUANT_GATED_BATCH", None)
+        row["fused_gbps"] = fused_bytes(kind, m, k, dtype) / (row["fused"] * 1e-6) / 1e9 if row["fused"] else None
         results.append(row)
-    print(f"\n{'op':<20}{'K':>7}{'M':>6}{'fused us':>10}{'ns/tok':>9}{'vllm_c+q us':>12}{'inductor+q us':>14}"
-          f"{'speedup':>9}")
+    print(f"\n{'op':<20}{'K':>7}{'M':>6}{'fused us':>10}{'GB/s':>7}{'batch1 us':>10}{'batch4 us':>10}"
+          f"{'vllm_c+q us':>12}{'inductor+q us':>14}{'speedup':>9}")
     for r in results:
         base = min(v for v in (r["unfused_vllm_c"], r["unfused_inductor"]) if v is not None)
         f = r["fused"]
-        print(f"{r['op']:<20}{r['K']:>7}{r['M']:>6}{f:>10.2f}{1e3 * f / r['M']:>9.1f}"
+        b1, b4 = r.get("fused_batch1") or float("nan"), r.get("fused_batch4") or float("nan")
+        print(f"{r['op']:<20}{r['K']:>7}{r['M']:>6}{f:>10.2f}{r['fused_gbps']:>7.0f}{b1:>10.2f}{b4:>10.2f}"
               f"{r['unfused_vllm_c'] or float('nan'):>12.2f}{r['unfused_inductor'] or float('nan'):>14.2f}"
               f"{base / f:>8.2f}x")
     os.makedirs(args.out_dir, exist_ok=True)

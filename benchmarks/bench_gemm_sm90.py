@@ -25,11 +25,12 @@ from vllm_qserve.packing import pack_w4, permute_s2
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 DEFAULT_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
-COLS = ["mma_pc", "wgmma_pc", "wgmma_pc_v1", "mma_g128", "wgmma_g128", "wgmma_g128_v1", "bf16_mm", "fp8_scaled_mm",
+COLS = ["mma_pc", "wgmma_pc", "wgmma_pc_v2", "mma_g128", "wgmma_g128", "wgmma_g128_v2", "bf16_mm", "fp8_scaled_mm",
         "int_mm"]
-# _v1 columns: the cp.async kernel forced (QSERVE_WGMMA_IMPL=v1, read by the launcher at every call), only where it
-# differs from the default (M > 128, where the default is the warp-specialized kernel).  Run 5 of
-# docs/kernels/gemm_sm90.md also had _ws columns (that kernel forced), when the default still used v1 tiles up to 512.
+# _v2 columns: the non-persistent warp-specialized kernel forced (QSERVE_WGMMA_IMPL=v2, read by the launcher at
+# every call), only where it differs from the default (M > 128, where the default is v3, the persistent one).
+# Earlier runs of docs/kernels/gemm_sm90.md had _v1 columns (the cp.async kernel) and _ws columns (v2 when the
+# default still used v1 tiles up to 512); `--forced v1` brings the _v1 columns back.
 
 
 def bench(fn) -> float:
@@ -40,10 +41,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--forced", default="v2", choices=["v1", "v2"], help="the kernel of the _vN columns")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     ap.add_argument("--json", default=os.path.join(out_dir, "bench_gemm_sm90.json"))
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
+    cols = [c.replace("_v2", "_" + args.forced) for c in COLS]
     dev = "cuda"
     torch.manual_seed(0)
     results = []
@@ -62,7 +65,7 @@ def main():
         wf8 = wbf.to(torch.float8_e4m3fn)
         sb = torch.rand(1, n, device=dev) + 0.5
         lines.append(f"\n== {sname}: N={n} K={k}   us (median, cold L2); [TOP/s]")
-        lines.append(f"{'M':>6} " + " ".join(f"{c:>16}" for c in COLS))
+        lines.append(f"{'M':>6} " + " ".join(f"{c:>16}" for c in cols))
         for m in tqdm(ms, desc=sname):
             xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
             sx = torch.rand(m, device=dev) * 0.01
@@ -79,19 +82,21 @@ def main():
                 "wgmma_pc": lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
                 "mma_g128": lambda: qt.w4a8_gemm_per_group(xq, sx, qweight, s1, s2, z2, None, bf),
                 "wgmma_g128": lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
-                "wgmma_pc_v1": lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
-                "wgmma_g128_v1": lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
+                f"wgmma_pc_{args.forced}":
+                    lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
+                f"wgmma_g128_{args.forced}":
+                    lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
                 "bf16_mm": lambda: torch.mm(xbf, wbf.t()),
                 "fp8_scaled_mm": lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=sa, scale_b=sb, out_dtype=bf),
                 "int_mm": lambda: torch._int_mm(xi, w8.t()),
             }
             row = {"shape": sname, "N": n, "K": k, "M": m}
-            for c in COLS:
-                if c.endswith("_v1"):
+            for c in cols:
+                if c.endswith("_" + args.forced):
                     if m <= 128:
                         row[c] = None
                         continue
-                    os.environ["QSERVE_WGMMA_IMPL"] = "v1"
+                    os.environ["QSERVE_WGMMA_IMPL"] = args.forced
                 else:
                     os.environ.pop("QSERVE_WGMMA_IMPL", None)
                 try:
@@ -102,7 +107,7 @@ def main():
             os.environ.pop("QSERVE_WGMMA_IMPL", None)
             results.append(row)
             cells = []
-            for c in COLS:
+            for c in cols:
                 t = row[c]
                 if t is None:
                     cells.append(f"{'n/a':>16}")
@@ -129,7 +134,7 @@ def main():
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, sname in zip(axes[0], shapes):
         rows = [r for r in results if r["shape"] == sname]
-        for c in COLS:
+        for c in cols:
             pts = [(r["M"], 2 * r["M"] * r["N"] * r["K"] / r[c] / 1e6) for r in rows if r.get(c)]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=c, linestyle="-" if "wgmma" in c else "--")

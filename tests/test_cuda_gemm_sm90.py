@@ -27,19 +27,27 @@ pytestmark = [
 DEV = "cuda"
 
 
-@pytest.fixture(autouse=True, params=["auto", "v1"])
+@pytest.fixture(autouse=True, params=["auto", "v2", "v3", "v1"])
 def wgmma_impl(request, monkeypatch):
-    """Every test runs with the launcher's own choice (v2, warp-specialized, at every M > 128) and with the v1
-    (cp.async) kernel forced at every M > 128 (QSERVE_WGMMA_IMPL=v1, read by the launcher at every call), so both
-    stay correct on every shape; M <= 128 uses the small v1 tiles in both runs."""
+    """Every test runs with the launcher's own choice at M > 128 (v2, warp-specialized, with K split 2 or 4 ways
+    across a cluster where the tiles are few: e.g. M = 129-300 on 4096-channel layers, test_integer_accumulation
+    and test_extreme_values), with v2 unsplit, v3 (v2 on a persistent grid: one CTA per SM, so the large M and N
+    here give each CTA several tiles, partial ones included) and v1 (cp.async) forced (QSERVE_WGMMA_IMPL, read by
+    the launcher at every call), so all stay correct on every shape; M <= 128 uses the small v1 tiles in every
+    run."""
     monkeypatch.setenv("QSERVE_WGMMA_IMPL", request.param)
     return request.param
+
+
 MODES = ["per_channel", "per_group"]
 ALL_M = [1, 7, 64, 129, 300, 1000, 4096]
 # Llama-3-8B projections (qkv, o, gate_up, down) and N that are multiples of 32 but not of the 128/256-channel
 # CTA tiles, with K multiples of 128 (one pipeline stage) down to a single stage.
 LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-ODD_SHAPES = [(32, 128), (96, 384), (160, 640), (224, 1280), (4128, 256), (2080, 1536)]
+ODD_SHAPES = [(32, 128), (96, 384), (160, 640), (224, 1280), (4128, 256), (2080, 1536),
+              # the cluster split-K path (M > 128 with few tiles): 4 ways with a partial 32-channel N tile, and
+              # 2 ways over 25 stages (ranks of 13 and 12 stages) with a partial N tile
+              (1056, 4096), (4128, 3200)]
 
 
 def run_sm90(mode, xq, sx, xsum, w, bias, out_dtype, min_m=0):
@@ -136,9 +144,11 @@ def test_dispatch_below_min_m_runs_mma_sync(mode):
         assert torch.equal(a, b)
 
 
-def test_cuda_graph_capture():
-    """The op is capturable (no host sync, no allocation but the output) and replays the same result."""
-    mode, n, k, m = "per_group", 1024, 1024, 512
+@pytest.mark.parametrize("nkm", [(1024, 1024, 512), (4096, 4096, 256)], ids=["unsplit", "cluster-split-k"])
+def test_cuda_graph_capture(nkm):
+    """The op is capturable (no host sync, no allocation but the output) and replays the same result; the
+    second shape runs the cluster launch (K split 4 ways) under the default launcher."""
+    mode, (n, k, m) = "per_group", nkm
     w = make_weights(mode, n, k)
     xq, sx, xsum = make_acts(m, k)
     ref = run_ref(mode, xq, sx, None, w, None, torch.bfloat16)

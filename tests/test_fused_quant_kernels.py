@@ -358,6 +358,28 @@ def test_fp32_large_m_strided_and_empty(stats_report, kind):
 
 
 @gpu
+@pytest.mark.parametrize("batch", ["1", "2", "4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gated_batch_launches_agree(stats_report, monkeypatch, dtype, batch):
+    """silu_mul_quant from M = 1024 runs batched small-CTA launches (QSERVE_FUSED_QUANT_GATED_BATCH 1 / 2 / 4,
+    read per launch): each matches the reference, and codes and scales are identical across batches (amax is
+    order-free; only the fp32 xsum may differ by its summation order)."""
+    for m, k in [(1024, 14336), (1100, 1001), (1031, 25600), (2048, 896)]:
+        inputs = make_inputs("silu_mul_quant", m, k, dtype, "cuda", seed=SEED + m + k)
+        monkeypatch.setenv("QSERVE_FUSED_QUANT_GATED_BATCH", batch)
+        out, _ = call_poisoned("silu_mul_quant", inputs, True)
+        try:
+            counts = check_against_reference("silu_mul_quant", inputs, out, True)
+        except AssertionError as e:
+            raise AssertionError(f"batch {batch} M={m} K={k} (QSERVE_TEST_SEED={SEED}): {e}") from None
+        for key, v in counts.items():
+            stats_report[("silu_mul_quant", dtype)][key] += v
+        monkeypatch.setenv("QSERVE_FUSED_QUANT_GATED_BATCH", "1")
+        base = call("silu_mul_quant", inputs, True)
+        assert torch.equal(out[0], base[0]) and torch.equal(out[1], base[1]), f"batch {batch} M={m} K={k}"
+
+
+@gpu
 @pytest.mark.parametrize("kind", OPS)
 def test_bad_arguments_raise_clear_errors(kind):
     good = make_inputs(kind, 4, 256, torch.float16, "cuda", seed=0)

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "fused_quant_params.h"
 
@@ -104,8 +105,7 @@ __device__ __forceinline__ Vec<T, kVec> normalize(const Vec<T, kVec>& a, const T
 // silu(gate) rounded, times up, rounded (F.silu(g) * u in the activation dtype).  IEEE division and the
 // accurate expf, as PyTorch's silu kernel.
 template <typename T, int kVec>
-__device__ __forceinline__ Vec<T, kVec> silu_mul(const T* row, int k, int i) {
-  const Vec<T, kVec> g = load<T, kVec>(row, i), u = load<T, kVec>(row + k, i);
+__device__ __forceinline__ Vec<T, kVec> silu_mul(const Vec<T, kVec>& g, const Vec<T, kVec>& u) {
   Vec<T, kVec> y;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
@@ -120,10 +120,9 @@ __device__ __forceinline__ Vec<T, kVec> silu_mul(const T* row, int k, int i) {
 // vLLM's GeluAndMul("tanh")): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) in fp32 with PyTorch's operation
 // order and the accurate tanhf; explicit _rn intrinsics keep nvcc from contracting to FMAs.
 template <typename T, int kVec>
-__device__ __forceinline__ Vec<T, kVec> gelu_tanh_mul(const T* row, int k, int i) {
+__device__ __forceinline__ Vec<T, kVec> gelu_tanh_mul(const Vec<T, kVec>& g, const Vec<T, kVec>& u) {
   constexpr float kBeta = 0.7978845608028654f;  // M_SQRT2 * M_2_SQRTPI * 0.5
   constexpr float kKappa = 0.044715f;
-  const Vec<T, kVec> g = load<T, kVec>(row, i), u = load<T, kVec>(row + k, i);
   Vec<T, kVec> y;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
@@ -138,9 +137,33 @@ __device__ __forceinline__ Vec<T, kVec> gelu_tanh_mul(const T* row, int k, int i
 
 // The gated-activation prologues (x = [gate | up]).
 template <typename T, int kVec, Prologue kP>
+__device__ __forceinline__ Vec<T, kVec> gated(const Vec<T, kVec>& g, const Vec<T, kVec>& u) {
+  if constexpr (kP == Prologue::kGeluTanhMul) return gelu_tanh_mul<T, kVec>(g, u);
+  else return silu_mul<T, kVec>(g, u);
+}
+template <typename T, int kVec, Prologue kP>
 __device__ __forceinline__ Vec<T, kVec> gated(const T* row, int k, int i) {
-  if constexpr (kP == Prologue::kGeluTanhMul) return gelu_tanh_mul<T, kVec>(row, k, i);
-  else return silu_mul<T, kVec>(row, k, i);
+  return gated<T, kVec, kP>(load<T, kVec>(row, i), load<T, kVec>(row + k, i));
+}
+
+// Gated rows of long prompts (M >= kBatchedMinRows) are read kBatch vectors per thread at a time (all loads
+// first, then the math) by small CTAs.  Why: the exp and the IEEE division per element make this prologue about
+// as heavy in instructions as in bytes, so it reaches memory speed only if some CTAs load while others compute
+// or reduce.  Version 1 (kBatch = 1: a 14336-wide bf16 row on 1024 threads x 36 registers) fits ONE CTA per SM
+// by registers, whose three phases then run one after the other.  With 256 threads (kBatch = 2, <= 64
+// registers) or 128 (kBatch = 4) per CTA, four or more CTAs share an SM.  Decode-sized M keeps version 1: few
+// rows need many threads per row for latency.  QSERVE_FUSED_QUANT_GATED_BATCH = 1, 2 or 4 (read per launch) is
+// the benchmark's A/B switch; docs/kernels/fused_quant.md has the measured versions.
+constexpr int kDefaultGatedBatch = 2;
+constexpr int64_t kBatchedMinRows = 1024;
+
+template <int kBatch>
+constexpr int max_threads() {
+  return kBatch == 1 ? kMaxThreads : kBatch == 2 ? 256 : 128;
+}
+template <int kBatch>
+constexpr int min_blocks() {
+  return kBatch == 1 ? 1 : 4;
 }
 
 template <typename T, int kVec>
@@ -153,8 +176,8 @@ __device__ __forceinline__ void accumulate(const Vec<T, kVec>& y, float& amax, f
   }
 }
 
-template <typename T, int kVec, Prologue kP>
-__global__ void __launch_bounds__(kMaxThreads) fused_quant_kernel(const Params p, const bool cache_row) {
+template <typename T, int kVec, Prologue kP, int kBatch>
+__global__ void __launch_bounds__(max_threads<kBatch>(), min_blocks<kBatch>()) fused_quant_kernel(const Params p, const bool cache_row) {
   using V = Vec<T, kVec>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   V* cache = reinterpret_cast<V*>(smem_raw);  // the row's quantizer operand (cache_row only)
@@ -171,10 +194,25 @@ __global__ void __launch_bounds__(kMaxThreads) fused_quant_kernel(const Params p
   float amax = 0.f, sum = 0.f;
 
   if constexpr (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul) {
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-      const V y = gated<T, kVec, kP>(xr, p.k, i);
-      accumulate<T, kVec>(y, amax, sum);
-      if (cache_row) cache[i] = y;
+    for (int i0 = threadIdx.x; i0 < nv; i0 += kBatch * blockDim.x) {
+      V g[kBatch], u[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = i0 + j * blockDim.x;
+        if (i < nv) {
+          g[j] = load<T, kVec>(xr, i);
+          u[j] = load<T, kVec>(xr + p.k, i);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = i0 + j * blockDim.x;
+        if (i < nv) {
+          const V y = gated<T, kVec, kP>(g[j], u[j]);
+          accumulate<T, kVec>(y, amax, sum);
+          if (cache_row) cache[i] = y;
+        }
+      }
     }
   } else {
     float ss = 0.f;
@@ -245,6 +283,31 @@ __global__ void __launch_bounds__(kMaxThreads) fused_quant_kernel(const Params p
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+int gated_batch() {
+  const char* env = std::getenv("QSERVE_FUSED_QUANT_GATED_BATCH");
+  if (env == nullptr) return kDefaultGatedBatch;
+  const int b = std::atoi(env);
+  return (b == 1 || b == 2 || b == 4) ? b : kDefaultGatedBatch;
+}
+
+template <typename T, Prologue kP, int kBatch>
+cudaError_t launch_batch(const Params& p, bool vectorize, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int nv = p.k / (vectorize ? kVec : 1);
+  // Enough threads for one batch of kBatch vectors each, capped (the RMS kinds and decode use kBatch = 1).
+  const int lanes = (nv + kBatch - 1) / kBatch;
+  const int threads = std::min(max_threads<kBatch>(), std::max(32, (lanes + 31) / 32 * 32));
+  const size_t row_bytes = size_t(p.k) * sizeof(T);
+  const bool cache_row = row_bytes <= kMaxCachedRowBytes;
+  const size_t smem = cache_row ? row_bytes : 0;
+  const dim3 grid(static_cast<unsigned>(p.m));
+  if (vectorize)
+    fused_quant_kernel<T, kVec, kP, kBatch><<<grid, threads, smem, stream>>>(p, cache_row);
+  else
+    fused_quant_kernel<T, 1, kP, kBatch><<<grid, threads, smem, stream>>>(p, cache_row);
+  return cudaGetLastError();
+}
+
 template <typename T, Prologue kP>
 cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
@@ -253,18 +316,16 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
                          (kP != Prologue::kAddRmsNorm ||
                           (aligned16(p.residual) && p.residual_row_stride % kVec == 0 && aligned16(p.residual_out))) &&
                          reinterpret_cast<uintptr_t>(p.xq) % kVec == 0;
-  const int vec = vectorize ? kVec : 1;
-  const int nv = p.k / vec;
-  const int threads = std::min(kMaxThreads, std::max(32, (nv + 31) / 32 * 32));
-  const size_t row_bytes = size_t(p.k) * sizeof(T);
-  const bool cache_row = row_bytes <= kMaxCachedRowBytes;
-  const size_t smem = cache_row ? row_bytes : 0;
-  const dim3 grid(static_cast<unsigned>(p.m));
-  if (vectorize)
-    fused_quant_kernel<T, kVec, kP><<<grid, threads, smem, stream>>>(p, cache_row);
-  else
-    fused_quant_kernel<T, 1, kP><<<grid, threads, smem, stream>>>(p, cache_row);
-  return cudaGetLastError();
+  if constexpr (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul) {
+    if (p.m < kBatchedMinRows) return launch_batch<T, kP, 1>(p, vectorize, stream);
+    switch (gated_batch()) {
+      case 1: return launch_batch<T, kP, 1>(p, vectorize, stream);
+      case 4: return launch_batch<T, kP, 4>(p, vectorize, stream);
+      default: return launch_batch<T, kP, 2>(p, vectorize, stream);
+    }
+  } else {
+    return launch_batch<T, kP, 1>(p, vectorize, stream);
+  }
 }
 
 template <typename T>

@@ -21,26 +21,31 @@ from vllm_qserve.kernels.cuda import CudaW4A8Kernel
 
 logger = init_logger(f"vllm.{__name__}")
 
-# Rows (tokens) from which the wgmma kernel runs, by layer width.  Measured on an H100 SXM, both modes, Llama-3-8B
-# shapes (docs/kernels/gemm_sm90.md: benchmarks/results/bench_gemm_sm90_h100.json, and for 128 < M <= 512
-# bench_gemm_sm90_mid_h100.json):
+# Rows (tokens) from which the wgmma kernel runs, by layer shape.  Measured on an H100 SXM, both modes, Llama-3-8B
+# shapes (docs/kernels/gemm_sm90.md: benchmarks/results/bench_gemm_sm90_h100.json; 128 < M <= 512:
+# bench_gemm_sm90_mid_h100.json, then bench_gemm_sm90_splitk_h100.json with the cluster split-K launch of run 7):
 #  * N >= 16384 (gate_up 28672): wgmma is already as fast as mma.sync at M = 1-16 and 2.2x faster at M = 64 (its
 #    128-channel CTAs give N/128 = 224 CTAs, plenty for 132 SMs): from 64 rows on.
-#  * N ~ 4096-6144 (qkv, o, down): up to M = 256 mma.sync's 64x64 tiles win on o and down (M = 256: 25.9 / 71.6 us
-#    vs 32.9 / 82.9 us for wgmma) and are within 10% either way on qkv (M = 192: 30.9 vs 33.7 us; 256: 34.8 vs
-#    33.0); above 256 mma.sync steps to its 128-token tiles and wgmma wins by 1.2-1.8x (M = 320: qkv 33.6 vs 60.2 us,
-#    o 33.1 vs 41.6, down 81.5 vs 124.0).  One threshold for the three keeps the rule simple.
+#  * N * K >= 24 Mi (qkv 6144 x 4096, down 4096 x 14336): with K split across a cluster (few tiles), wgmma beats
+#    mma.sync from 129 rows (M = 192 / 256: qkv 30.7 / 30.7 us vs 32.0 / 33.8; down 64.5 / 65.4 vs 69.9 / 71.7);
+#    at M <= 128 the small v1 tiles lose (down M = 128: 70.1 vs 58.0 us).
+#  * smaller layers (o 4096 x 4096): mma.sync's 64x64 tiles still win up to M = 256 (M = 256: 25.9 vs 29.8 us);
+#    above 256 mma.sync steps to its 128-token tiles and wgmma wins (M = 320: 29.8 vs 41.4 us).
 WIDE_N = 16384
+LARGE_NK = 24 * 2**20
 WGMMA_MIN_M_WIDE = 64
+WGMMA_MIN_M_LARGE = 129
 WGMMA_MIN_M = 257
 _logged: set = set()
 
 
-def wgmma_min_m(out_features: int) -> int:
+def wgmma_min_m(out_features: int, in_features: int) -> int:
     env = os.environ.get("QSERVE_WGMMA_MIN_M")
     if env:
         return int(env)
-    return WGMMA_MIN_M_WIDE if out_features >= WIDE_N else WGMMA_MIN_M
+    if out_features >= WIDE_N:
+        return WGMMA_MIN_M_WIDE
+    return WGMMA_MIN_M_LARGE if out_features * in_features >= LARGE_NK else WGMMA_MIN_M
 
 
 class CudaSm90WgmmaKernel(CudaW4A8Kernel):
@@ -67,13 +72,13 @@ class CudaSm90WgmmaKernel(CudaW4A8Kernel):
 
     def __init__(self, spec: LinearSpec):
         super().__init__(spec)
-        self.min_m = wgmma_min_m(spec.out_features)
+        self.min_m = wgmma_min_m(spec.out_features, spec.in_features)
         key = (spec.mode, self.min_m)
         if key not in _logged:
             _logged.add(key)
-            logger.info("qserve: %s linears with %s output features use the sm90 wgmma GEMM from %d tokens on and "
+            logger.info("qserve: %s linears like %d x %d (out x in) use the sm90 wgmma GEMM from %d tokens on and "
                         "the mma.sync GEMM below (measured crossover; QSERVE_WGMMA_MIN_M overrides)", spec.mode,
-                        f">= {WIDE_N}" if spec.out_features >= WIDE_N else f"< {WIDE_N}", self.min_m)
+                        spec.out_features, spec.in_features, self.min_m)
 
     def apply(self, layer, x, bias):
         spec = self.spec

@@ -1,0 +1,190 @@
+// v2 (w4a8_wgmma_ws_kernel.cuh, read it first) with K split across a thread-block cluster, for the shapes that
+// give v2 too few tiles: a 4096-channel layer at 256 tokens is 16 x 2 = 32 CTAs of 256 x 128 on 132 SMs, so
+// three quarters of the GPU idle (down at M = 256: 84 us where cuBLAS FP8 takes 47).
+//
+// Each output tile is computed by a cluster of kSplit CTAs (grid z = the split, cluster dims 1 x 1 x kSplit),
+// CTA rank r running v2's pipeline over its own contiguous range of K stages into its own int32 accumulators.
+// The partial sums are then added through distributed shared memory, which keeps the result exact (integer
+// adds in any order give the same int32, so the output is bit-identical to v2 and to the reference):
+//   1. each CTA stores its accumulators as an int32 [kBN tokens][kChannels (+4 pad)] tile in its own shared
+//      memory (the pipeline buffers are free by then);
+//   2. cluster barrier (release / acquire: the stores are visible cluster-wide);
+//   3. CTA rank r sums tokens [r kBN/kSplit, (r+1) kBN/kSplit) over the kSplit tiles (ld.shared::cluster),
+//      applies the fp32 epilogue (the same operations as epilogue_to_smem) and stores bf16/fp16 rows;
+//   4. cluster barrier again, so that no CTA exits (freeing its shared memory) while another still reads it.
+// No workspace in global memory, no atomics, no second kernel; the launcher picks kSplit so that the grid fits in
+// one wave (tiles x kSplit <= SMs) and every CTA keeps enough stages to fill its pipeline.
+#pragma once
+
+#include "w4a8_wgmma_ws_kernel.cuh"
+
+namespace qserve {
+namespace gemm_sm90 {
+
+template <Mode MODE, class Cfg, int kSplit>
+struct SplitKSmem {
+  using Base = Smem<MODE, Cfg>;
+  static constexpr int kPartRow = Cfg::kChannels + 4;      // int32s per staged token row: +4 = no bank conflicts
+  static constexpr int kPart = Cfg::kBN * kPartRow * 4;    // bytes of the partial-sum tile
+  static constexpr int kBody = Base::kPipe > kPart ? Base::kPipe : kPart;
+  static constexpr int kBars = kBody;
+  static constexpr int kTotal = kBody + 16 * Cfg::kStages + 1024;
+  static_assert(Cfg::kBN % kSplit == 0, "each rank reduces a whole number of token rows");
+};
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster arrives; release / acquire order the shared-memory stores before the
+// barrier against the remote loads after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The shared::cluster address of `addr` (a shared::cta address of this CTA's layout) in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t addr) {
+  int2 v;
+  asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+template <typename OutT> struct Pair;
+template <> struct Pair<half> {
+  using T = half2;
+  static __device__ __forceinline__ T make(float a, float b) { return __halves2half2(__float2half_rn(a), __float2half_rn(b)); }
+};
+template <> struct Pair<nv_bfloat16> {
+  using T = nv_bfloat162;
+  static __device__ __forceinline__ T make(float a, float b) {
+    return __halves2bfloat162(__float2bfloat16_rn(a), __float2bfloat16_rn(b));
+  }
+};
+
+template <Mode MODE, class Cfg, typename OutT, int kSplit>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    w4a8_wgmma_splitk_kernel(const __grid_constant__ CUtensorMap act_map, const GemmParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();
+#else
+  using L = SplitKSmem<MODE, Cfg, kSplit>;
+  using S = Smem<MODE, Cfg>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  int* const part = reinterpret_cast<int*>(smem_raw + (base - raw));  // the partial-sum tile (after the loop)
+  const uint32_t full_bar = base + L::kBars;
+  const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
+
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int m0 = blockIdx.x * Cfg::kBN, n0 = blockIdx.y * Cfg::kChannels;
+  const uint32_t rank = cluster_ctarank();
+  // This rank's K stages: a contiguous range, ceil-split (the launcher guarantees each rank at least one).
+  const int ktiles = p.K / kStageK, per = (ktiles + kSplit - 1) / kSplit;
+  const int kt_begin = static_cast<int>(rank) * per, kt_end = min(ktiles, kt_begin + per);
+
+  if (tid == 0) {
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbar_init(full_bar + 8 * s, 1);
+      mbar_init(empty_bar + 8 * s, Cfg::kWGs);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer (v2's, over kt_begin..kt_end)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Cfg::kProducerRegs));
+    if (tid == 0) {
+      const int ntiles_total = p.N / 32, k32_total = p.K / 32;
+      const int ntiles = min(Cfg::kNTiles, ntiles_total - n0 / 32);
+      const uint32_t bytes = Cfg::kBN * kStageK + ntiles * (Cfg::kKTiles * 512) +
+                             (MODE == Mode::kPerGroup ? 2 * 32 * ntiles : 0);
+      for (int kt = kt_begin, s = 0; kt < kt_end; ++kt, ++s) {
+        const int slot = s % Cfg::kStages;
+        if (s >= Cfg::kStages) mbar_wait(empty_bar + 8 * slot, ((s / Cfg::kStages) - 1) & 1);
+        const uint32_t stage = base + slot * S::kStage, bar = full_bar + 8 * slot;
+        mbar_arrive_expect_tx(bar, bytes);
+        tma_load_2d(stage, &act_map, kt * kStageK, m0, bar);
+        for (int t = 0; t < ntiles; ++t) {
+          const int8_t* src = p.b + ((int64_t)(n0 / 32 + t) * k32_total + kt * Cfg::kKTiles) * 512;
+          bulk_load(stage + S::kAct + t * Cfg::kKTiles * 512, src, Cfg::kKTiles * 512, bar);
+        }
+        if constexpr (MODE == Mode::kPerGroup) {
+          const int64_t off = (int64_t)kt * p.N + n0;
+          bulk_load(stage + S::kAct + S::kW, p.s2_scales + off, 32 * ntiles, bar);
+          bulk_load(stage + S::kAct + S::kW + Cfg::kChannels, p.s2_zeros + off, 32 * ntiles, bar);
+        }
+      }
+    }
+    __syncwarp();
+    // The producer warpgroup takes part in both cluster barriers (they count every thread of the cluster).
+    cluster_sync();
+    cluster_sync();
+  } else {
+    // ------------------------------------------------------------------ consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Cfg::kConsumerRegs));
+    const int ctid = tid - 128, cwg = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
+    int acc[2][Cfg::kAccPerBlock];
+    for (int kt = kt_begin, s = 0; kt < kt_end; ++kt, ++s) {
+      const int slot = s % Cfg::kStages;
+      mbar_wait(full_bar + 8 * slot, (s / Cfg::kStages) & 1);
+      consume_stage<MODE, Cfg>(base + slot * S::kStage, cwg, warp, lane, s == 0, acc);
+      if ((tid & 127) == 0) mbar_arrive(empty_bar + 8 * slot);
+    }
+    // Both consumers are done with every stage: the pipeline buffers take the int32 partial tile.
+    asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
+    {
+      const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int i = 0; i < Cfg::kAccPerBlock; ++i) {
+          const int ch = (cwg * 4 + warp) * 32 + 16 * b + g + 8 * ((i >> 1) & 1);  // see epilogue_to_smem
+          const int tok = 8 * (i >> 2) + 2 * t + (i & 1);
+          part[tok * L::kPartRow + ch] = acc[b][i];
+        }
+    }
+    cluster_sync();
+    // Reduce and store this rank's token rows: 2 channels per thread and step, a row = kChannels / 2 threads.
+    constexpr int kRows = Cfg::kBN / kSplit, kPairs = Cfg::kChannels / 2;
+    OutT* const out = static_cast<OutT*>(p.out);
+    const uint32_t part_addr = base;
+    for (int idx = ctid; idx < kRows * kPairs; idx += 128 * Cfg::kWGs) {
+      const int tok = static_cast<int>(rank) * kRows + idx / kPairs, ch = 2 * (idx % kPairs);
+      const int gm = m0 + tok, col = n0 + ch;
+      if (gm >= p.M || col >= p.N) continue;  // N % 32 == 0: a pair is inside N or outside it
+      const uint32_t off = part_addr + 4u * static_cast<uint32_t>(tok * L::kPartRow + ch);
+      int s0 = 0, s1 = 0;
+#pragma unroll
+      for (int r = 0; r < kSplit; ++r) {
+        const int2 v = ld_cluster_s32x2(map_to_rank(off, static_cast<uint32_t>(r)));
+        s0 += v.x;
+        s1 += v.y;
+      }
+      const float sx = p.sx[gm];
+      const float xs = MODE == Mode::kPerChannel ? p.xsum[gm] : 0.f;
+      float o[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float cs = __half2float(static_cast<const half*>(p.col_scale)[col + e]);
+        float v = __fmul_rn(__fmul_rn(__int2float_rn(e ? s1 : s0), sx), cs);
+        if constexpr (MODE == Mode::kPerChannel)
+          v = __fsub_rn(v, __fmul_rn(xs, __half2float(static_cast<const half*>(p.szeros)[col + e])));
+        if (p.bias_kind) v = __fadd_rn(v, load_bias(p.bias, p.bias_kind, col + e));
+        o[e] = v;
+      }
+      *reinterpret_cast<typename Pair<OutT>::T*>(out + (int64_t)gm * p.N + col) = Pair<OutT>::make(o[0], o[1]);
+    }
+    cluster_sync();  // the other ranks have finished reading this CTA's partial tile
+  }
+#endif
+}
+
+}  // namespace gemm_sm90
+}  // namespace qserve
