@@ -18,16 +18,18 @@ namespace {
 
 // Tile table, by M (tokens).  A CTA is kWGs consumer warpgroups x 128 channels by kBN tokens:
 //  * M > 128: v2 (w4a8_wgmma_ws_kernel.cuh): a producer warpgroup (TMA / bulk copies) and 2 consumer warpgroups
-//    (256 channels) x 128 tokens, 5 stages (175 KB of shared memory, 1 CTA/SM), one CTA per tile: the most MACs
-//    per byte staged (the weight tile is 4-bit, so wide channel tiles are cheap), and two consumers hide each
-//    other's conversion.
+//    (256 channels) x 128 tokens, 5 stages (175 KB of shared memory, 1 CTA/SM): the most MACs per byte staged
+//    (the weight tile is 4-bit, so wide channel tiles are cheap), and two consumers hide each other's conversion.
+//    Where that gives few tiles (4096-channel layers at a few hundred tokens: 32-48 CTAs for 132 SMs), K is split
+//    4 or 2 ways across a thread-block cluster (w4a8_wgmma_splitk_kernel.cuh, choose_split below): exact int32
+//    partial sums added through distributed shared memory.
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
 // QSERVE_WGMMA_IMPL (read per launch, so that a benchmark or a test can compare kernels in one process) forces,
-// at M > 128: "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh: next tile prefetched
-// during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async kernel's larger tiles
-// (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens above).  Measured
-// (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5) and v3 was 0-5% slower than v2 on
-// the Llama shapes at M = 256-4096 (run 6), so neither is the default.
+// at M > 128: "v2" = v2 without the split; "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
+// next tile prefetched during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async
+// kernel's larger tiles (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens
+// above).  Measured (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5); v3 was 0-5% slower
+// than v2 on the Llama shapes at M = 256-4096 and the split took down at M = 256-512 from 84 to 65 us (run 7).
 using CfgSmall = Config<1, 64, 4>;
 using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
