@@ -28,8 +28,9 @@ namespace {
 // at M > 128: "v2" = v2 without the split; "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
 // next tile prefetched during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async
 // kernel's larger tiles (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens
-// above).  Measured (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5); v3 was 0-5% slower
-// than v2 on the Llama shapes at M = 256-4096 and the split took down at M = 256-512 from 84 to 65 us (run 7).
+// above).  Measured (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5); v3 was up to 8% slower
+// than v2 on the Llama shapes at M = 256-4096 (g128 up to 11%) and the split took down at M = 256-512 from 84 to 65 us
+// (run 7).
 using CfgSmall = Config<1, 64, 4>;
 using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
@@ -160,24 +161,25 @@ void fill_cluster_launch(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, dim
 
 // How many clusters of this kernel can be resident at once (cached per device).  Clusters must fit inside a GPC,
 // so this is below SMs / kSplit when GPCs have SM counts that kSplit does not divide; a grid of more clusters
-// than this runs in two waves, which costs more than the split gains.
+// than this runs in two waves, which costs more than the split gains.  The query is not made while `stream` is
+// capturing a CUDA graph (the launch then goes unsplit: same numbers, bit for bit); a failed query is not cached.
 template <Mode MODE, class Cfg, typename OutT, int kSplit>
-int max_active_clusters(int dev) {
+int max_active_clusters(int dev, cudaStream_t stream) {
   static int counts[64] = {};
-  if (dev < 64 && counts[dev] != 0) return counts[dev];
-  int n = -1;  // "unknown": the split is not used
-  if (prepare_splitk<MODE, Cfg, OutT, kSplit>(dev) == cudaSuccess) {
-    cudaLaunchConfig_t cfg;
-    cudaLaunchAttribute attr;
-    fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, dim3(1, 1, kSplit), nullptr);
-    if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_splitk_kernel<MODE, Cfg, OutT, kSplit>, &cfg) != cudaSuccess ||
-        n <= 0) {
-      (void)cudaGetLastError();  // a failed query leaves its error for the next cudaGetLastError: clear it
-      n = -1;
-    }
+  if (dev < 64 && counts[dev] > 0) return counts[dev];
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) return -1;
+  if (prepare_splitk<MODE, Cfg, OutT, kSplit>(dev) != cudaSuccess) return -1;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, dim3(1, 1, kSplit), nullptr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_splitk_kernel<MODE, Cfg, OutT, kSplit>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // the failed query's own error (not sticky): clear it, use no split
+    return -1;
   }
-  if (dev < 64) counts[dev] = n;
-  return n;
+  if (n > 0 && dev < 64) counts[dev] = n;
+  return n > 0 ? n : -1;
 }
 
 template <Mode MODE, class Cfg, typename OutT, int kSplit>
@@ -202,11 +204,11 @@ cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream) {
 // reduction).
 constexpr int kMinStagesPerSplit = 8;
 template <Mode MODE, class Cfg, typename OutT>
-int choose_split(const GemmParams& p, int dev) {
+int choose_split(const GemmParams& p, int dev, cudaStream_t stream) {
   const int tiles = ((p.M + Cfg::kBN - 1) / Cfg::kBN) * ((p.N + Cfg::kChannels - 1) / Cfg::kChannels);
   const int ktiles = p.K / kStageK;
-  if (ktiles >= 4 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 4>(dev)) return 4;
-  if (ktiles >= 2 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 2>(dev)) return 2;
+  if (ktiles >= 4 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 4>(dev, stream)) return 4;
+  if (ktiles >= 2 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 2>(dev, stream)) return 2;
   return 1;
 }
 
@@ -244,7 +246,7 @@ cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
-  switch (choose_split<MODE, CfgLargeWs, OutT>(p, dev)) {
+  switch (choose_split<MODE, CfgLargeWs, OutT>(p, dev, stream)) {
     case 4: return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
     case 2: return launch_splitk<MODE, CfgLargeWs, OutT, 2>(p, stream);
     default: return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);

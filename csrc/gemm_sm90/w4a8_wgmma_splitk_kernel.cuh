@@ -150,6 +150,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           part[tok * L::kPartRow + ch] = acc[b][i];
         }
     }
+    __syncwarp();  // the barrier is .aligned: every lane of the warp executes it together
     cluster_sync();
     // Reduce and store this rank's token rows: 2 channels per thread and step, a row = kChannels / 2 threads.
     constexpr int kRows = Cfg::kBN / kSplit, kPairs = Cfg::kChannels / 2;
@@ -181,6 +182,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       *reinterpret_cast<typename Pair<OutT>::T*>(out + (int64_t)gm * p.N + col) = Pair<OutT>::make(o[0], o[1]);
     }
+    __syncwarp();  // lanes that skipped rows past M / N rejoin before the .aligned barrier
     cluster_sync();  // the other ranks have finished reading this CTA's partial tile
   }
 #endif

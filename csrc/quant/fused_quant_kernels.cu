@@ -146,7 +146,7 @@ __device__ __forceinline__ Vec<T, kVec> gated(const T* row, int k, int i) {
   return gated<T, kVec, kP>(load<T, kVec>(row, i), load<T, kVec>(row + k, i));
 }
 
-// Gated rows of long prompts (M >= kBatchedMinRows) are read kBatch vectors per thread at a time (all loads
+// SiLU-gated rows of long prompts (M >= kBatchedMinRows) are read kBatch vectors per thread at a time (all loads
 // first, then the math) by small CTAs.  Why: the exp and the IEEE division per element make this prologue about
 // as heavy in instructions as in bytes, so it reaches memory speed only if some CTAs load while others compute
 // or reduce.  Version 1 (kBatch = 1: a 14336-wide bf16 row on 1024 threads x 36 registers) fits ONE CTA per SM
@@ -316,7 +316,8 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
                          (kP != Prologue::kAddRmsNorm ||
                           (aligned16(p.residual) && p.residual_row_stride % kVec == 0 && aligned16(p.residual_out))) &&
                          reinterpret_cast<uintptr_t>(p.xq) % kVec == 0;
-  if constexpr (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul) {
+  // SiLU only: GeLU-tanh rows (Gemma) keep version 1 at every M until the batched launch has run on the GPU for them.
+  if constexpr (kP == Prologue::kSiluMul) {
     if (p.m < kBatchedMinRows) return launch_batch<T, kP, 1>(p, vectorize, stream);
     switch (gated_batch()) {
       case 1: return launch_batch<T, kP, 1>(p, vectorize, stream);
