@@ -29,8 +29,10 @@ logger = init_logger(f"vllm.{__name__}")
 #  * N * K >= 24 Mi (qkv 6144 x 4096, down 4096 x 14336): with K split across a cluster (few tiles), wgmma beats
 #    mma.sync from 129 rows (M = 192 / 256: qkv 30.7 / 30.7 us vs 32.0 / 33.8; down 64.5 / 65.4 vs 69.9 / 71.7);
 #    at M <= 128 the small v1 tiles lose (down M = 128: 70.1 vs 58.0 us).
-#  * smaller layers (o 4096 x 4096): mma.sync's 64x64 tiles still win up to M = 256 (M = 256: 25.9 vs 29.8 us);
-#    above 256 mma.sync steps to its 128-token tiles and wgmma wins (M = 320: 29.8 vs 41.4 us).
+#  * smaller layers (o 4096 x 4096), per-channel: mma.sync's 64x64 tiles still win up to M = 256 (M = 256: 25.9 vs
+#    29.8 us); above 256 mma.sync steps to its 128-token tiles and wgmma wins (M = 320: 29.8 vs 41.4 us).  Group 128:
+#    mma.sync's in-register w8 rebuild costs it more, so wgmma wins from 129 rows there too (o M = 192 / 256: 32.2 /
+#    31.8 vs 34.4 / 34.4 us); at M = 128 (wgmma's small v1 tiles) mma.sync still wins (o 24.6 vs 32.2).
 WIDE_N = 16384
 LARGE_NK = 24 * 2**20
 WGMMA_MIN_M_WIDE = 64
@@ -39,13 +41,15 @@ WGMMA_MIN_M = 257
 _logged: set = set()
 
 
-def wgmma_min_m(out_features: int, in_features: int) -> int:
+def wgmma_min_m(out_features: int, in_features: int, group_size: int = -1) -> int:
     env = os.environ.get("QSERVE_WGMMA_MIN_M")
     if env:
         return int(env)
     if out_features >= WIDE_N:
         return WGMMA_MIN_M_WIDE
-    return WGMMA_MIN_M_LARGE if out_features * in_features >= LARGE_NK else WGMMA_MIN_M
+    if group_size != -1 or out_features * in_features >= LARGE_NK:
+        return WGMMA_MIN_M_LARGE
+    return WGMMA_MIN_M
 
 
 class CudaSm90WgmmaKernel(CudaW4A8Kernel):
@@ -72,7 +76,7 @@ class CudaSm90WgmmaKernel(CudaW4A8Kernel):
 
     def __init__(self, spec: LinearSpec):
         super().__init__(spec)
-        self.min_m = wgmma_min_m(spec.out_features, spec.in_features)
+        self.min_m = wgmma_min_m(spec.out_features, spec.in_features, spec.group_size)
         key = (spec.mode, self.min_m)
         if key not in _logged:
             _logged.add(key)
