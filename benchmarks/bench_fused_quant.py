@@ -168,7 +168,7 @@ def main():
     for kind, k, m in tqdm(grid, desc="bench_fused_quant"):
         row = {"op": kind, "K": k, "M": m, "dtype": args.dtype, "with_sum": with_sum}
         for col, fn in cases(kind, m, k, dtype, with_sum).items():
-            if col.startswith("fused_batch"):  # read by the launcher at every call
+            if col.startswith("fused_batch"):  # read by the op at every call
                 os.environ["QSERVE_FUSED_QUANT_GATED_BATCH"] = col[len("fused_batch"):]
             try:
                 row[col] = bench(fn)

@@ -27,8 +27,9 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 DEFAULT_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
 COLS = ["mma_pc", "wgmma_pc", "wgmma_pc_v2", "mma_g128", "wgmma_g128", "wgmma_g128_v2", "bf16_mm", "fp8_scaled_mm",
         "int_mm"]
-# _v2 columns: the non-persistent warp-specialized kernel forced (QSERVE_WGMMA_IMPL=v2, read by the launcher at
-# every call), only where it differs from the default (M > 128, where the default is v3, the persistent one).
+# _v2 columns: the warp-specialized kernel without the cluster K split (QSERVE_WGMMA_IMPL=v2, read by the op at
+# every call), only where it can differ from the default (M > 128, where the default may split K across a cluster);
+# `--forced v3` times the persistent kernel instead.
 # Earlier runs of docs/kernels/gemm_sm90.md had _v1 columns (the cp.async kernel) and _ws columns (v2 when the
 # default still used v1 tiles up to 512); `--forced v1` brings the _v1 columns back.
 
@@ -41,7 +42,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--forced", default="v2", choices=["v1", "v2"], help="the kernel of the _vN columns")
+    ap.add_argument("--forced", default="v2", choices=["v1", "v2", "v3"], help="the kernel of the _vN columns")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     ap.add_argument("--json", default=os.path.join(out_dir, "bench_gemm_sm90.json"))
     args = ap.parse_args()

@@ -35,7 +35,10 @@ def wgmma_impl(request, monkeypatch):
     here give each CTA several tiles, partial ones included) and v1 (cp.async) forced (QSERVE_WGMMA_IMPL, read by
     the launcher at every call), so all stay correct on every shape; M <= 128 uses the small v1 tiles in every
     run."""
-    monkeypatch.setenv("QSERVE_WGMMA_IMPL", request.param)
+    if request.param == "auto":
+        monkeypatch.delenv("QSERVE_WGMMA_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("QSERVE_WGMMA_IMPL", request.param)
     return request.param
 
 
@@ -167,7 +170,7 @@ def test_cuda_graph_capture(nkm):
     check_equal(out, ref, "graph replay")
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(monkeypatch):
     n, k, m = 256, 384, 8
     w = make_weights("per_channel", n, k)
     xq, sx, xsum = make_acts(m, k)
@@ -202,3 +205,6 @@ def test_bad_inputs_raise_clear_errors():
     # Empty input: a valid [0, N] result, nothing launched.
     out = op(xq[:0], sx[:0], xsum[:0], *args[3:])
     assert out.shape == (0, n)
+    # The benchmarks' kernel switch names itself when mistyped (not silently the default kernel).
+    monkeypatch.setenv("QSERVE_WGMMA_IMPL", "v9")
+    expect("QSERVE_WGMMA_IMPL must be v1, v2 or v3 \\(or unset\\), got 'v9'")

@@ -362,7 +362,7 @@ def test_fp32_large_m_strided_and_empty(stats_report, kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gated_batch_launches_agree(stats_report, monkeypatch, dtype, batch):
     """silu_mul_quant from M = 1024 runs batched small-CTA launches (QSERVE_FUSED_QUANT_GATED_BATCH 1 / 2 / 4,
-    read per launch): each matches the reference, and codes and scales are identical across batches (amax is
+    read by the op per call): each matches the reference, and codes and scales are identical across batches (amax is
     order-free; only the fp32 xsum may differ by its summation order)."""
     for m, k in [(1024, 14336), (1100, 1001), (1031, 25600), (2048, 896)]:
         inputs = make_inputs("silu_mul_quant", m, k, dtype, "cuda", seed=SEED + m + k)
@@ -381,8 +381,13 @@ def test_gated_batch_launches_agree(stats_report, monkeypatch, dtype, batch):
 
 @gpu
 @pytest.mark.parametrize("kind", OPS)
-def test_bad_arguments_raise_clear_errors(kind):
+def test_bad_arguments_raise_clear_errors(monkeypatch, kind):
     good = make_inputs(kind, 4, 256, torch.float16, "cuda", seed=0)
+    if kind == "silu_mul_quant":  # the benchmarks' launch switch names itself when mistyped
+        monkeypatch.setenv("QSERVE_FUSED_QUANT_GATED_BATCH", "3")
+        with pytest.raises(RuntimeError, match="QSERVE_FUSED_QUANT_GATED_BATCH must be 1, 2 or 4"):
+            call(kind, good, True)
+        monkeypatch.delenv("QSERVE_FUSED_QUANT_GATED_BATCH")
     cases = [({"x": good["x"].int()}, "x must be float16, bfloat16 or float32"),
              ({"x": good["x"].cpu()}, "must be a CUDA tensor|from the .CPU. backend"),
              ({"x": good["x"].t().contiguous().t()}, "contiguous")]

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../smem_opt_in.cuh"
 #include "kv_params.h"
 #include "kv_ptx.cuh"
 
@@ -547,16 +548,9 @@ cudaError_t launch_decode_cfg(const DecodeParams& p, cudaStream_t stream) {
   using Cfg = DecodeCfg<D, BITS, NT>;
   auto kernel = kv_decode_kernel<T, D, BITS, NT>;
   if constexpr (Cfg::kSmem > 48 * 1024) {
-    // Opt in to > 48 KB of dynamic shared memory once per device (idempotent; a race is harmless).
     static bool done[64] = {};
-    int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    const cudaError_t e = opt_in_dynamic_smem(kernel, Cfg::kSmem, done);
     if (e != cudaSuccess) return e;
-    if (dev >= 64 || !done[dev]) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) done[dev] = true;
-    }
   }
   const dim3 grid(p.batch, p.g.num_kv_heads * p.head_chunks, p.num_splits);
   kernel<<<grid, kDecodeThreads, Cfg::kSmem, stream>>>(p);

@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "epilogue_math.cuh"
 #include "qgemm_params.h"
 #include "qgemm_ptx.cuh"
 
@@ -71,31 +72,6 @@ struct SmemLayout {
   static constexpr int kTotal = kPipe > kReduce ? kPipe : kReduce;
 };
 
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ half from_float<half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ nv_bfloat16 from_float<nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T> struct Pair;
-template <> struct Pair<half> {
-  using type = half2;
-  static __device__ __forceinline__ half2 make(float a, float b) { return __halves2half2(__float2half_rn(a), __float2half_rn(b)); }
-};
-template <> struct Pair<nv_bfloat16> {
-  using type = nv_bfloat162;
-  static __device__ __forceinline__ nv_bfloat162 make(float a, float b) {
-    return __halves2bfloat162(__float2bfloat16_rn(a), __float2bfloat16_rn(b));
-  }
-};
-
-__device__ __forceinline__ float load_bias(const void* bias, int kind, int j) {
-  switch (kind) {
-    case 1: return __half2float(static_cast<const half*>(bias)[j]);
-    case 2: return __bfloat162float(static_cast<const nv_bfloat16*>(bias)[j]);
-    case 3: return static_cast<const float*>(bias)[j];
-    default: return 0.f;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // global -> shared for one pipeline stage (all threads cooperate; 16-byte chunks).

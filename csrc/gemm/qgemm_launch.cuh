@@ -1,6 +1,7 @@
 // Host side shared by the GEMM launchers: tile choice by M and the launch (argument checks: gemm_ops.cpp).
 #pragma once
 
+#include "../smem_opt_in.cuh"
 #include "qgemm_kernel.cuh"
 
 namespace qserve {
@@ -34,16 +35,9 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
   auto kernel = qgemm_kernel<MODE, Cfg, OutT>;
   static_assert(kSmem <= 99 * 1024, "tile config exceeds sm_89's 99 KB of shared memory per block");
   if constexpr (kSmem > 48 * 1024) {
-    // Opt in to > 48 KB of dynamic shared memory once per device (a benign race: the call is idempotent).
     static bool done[64] = {};
-    int dev = 0;
-    cudaError_t e = cudaGetDevice(&dev);
+    const cudaError_t e = opt_in_dynamic_smem(kernel, kSmem, done);
     if (e != cudaSuccess) return e;
-    if (dev >= 64 || !done[dev]) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) done[dev] = true;
-    }
   }
   const dim3 grid((p.M + Cfg::kM - 1) / Cfg::kM, (p.N + Cfg::kN - 1) / Cfg::kN);
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);

@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -96,13 +97,27 @@ void check_common(const char* op, const at::Tensor& xq, const at::Tensor& sx, co
   p.K = static_cast<int>(k);
 }
 
+// QSERVE_WGMMA_IMPL: unset / empty = the launcher's choice; v1, v2 or v3 force that kernel at M > 128 (benchmarks'
+// and tests' A/B switch; w4a8_wgmma_launch.cu says what each is).  Read per call so one process can compare them.
+gemm_sm90::Impl impl_from_env(const char* op) {
+  const char* env = std::getenv("QSERVE_WGMMA_IMPL");
+  if (env == nullptr || *env == '\0') return gemm_sm90::Impl::kDefault;
+  const std::string v(env);
+  if (v == "v1") return gemm_sm90::Impl::kV1;
+  if (v == "v2") return gemm_sm90::Impl::kV2;
+  if (v == "v3") return gemm_sm90::Impl::kV3;
+  GCHECK(false, "QSERVE_WGMMA_IMPL must be v1, v2 or v3 (or unset), got '", v, "'");
+  return gemm_sm90::Impl::kDefault;
+}
+
 at::Tensor run(const char* op, const at::Tensor& xq, gemm::GemmParams& p, bool per_group, at::ScalarType out_dtype) {
+  const gemm_sm90::Impl impl = impl_from_env(op);
   const at::cuda::CUDAGuard guard(xq.device());
   auto out = at::empty({xq.size(0), static_cast<int64_t>(p.N)}, xq.options().dtype(out_dtype));
   if (p.M == 0) return out;
   p.out = out.data_ptr();
   const cudaError_t e =
-      gemm_sm90::launch_w4a8_wgmma(p, per_group, out_dtype == at::kBFloat16, at::cuda::getCurrentCUDAStream());
+      gemm_sm90::launch_w4a8_wgmma(p, per_group, out_dtype == at::kBFloat16, impl, at::cuda::getCurrentCUDAStream());
   GCHECK(e == cudaSuccess, "kernel launch failed: ", cudaGetErrorString(e));
   return out;
 }

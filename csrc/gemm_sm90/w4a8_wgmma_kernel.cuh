@@ -38,13 +38,17 @@
 
 #include <cstdint>
 
+#include "../gemm/epilogue_math.cuh"
 #include "../gemm/qgemm_params.h"
 #include "wgmma_ptx.cuh"
 
 namespace qserve {
 namespace gemm_sm90 {
 
+using gemm::from_float;
 using gemm::GemmParams;
+using gemm::load_bias;
+using gemm::Pair;
 
 enum class Mode { kPerChannel, kPerGroup };
 
@@ -101,19 +105,6 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
 __device__ __forceinline__ uint32_t add_bytes(uint32_t a, uint32_t b) {
   const uint32_t s = (a & 0x7f7f7f7fu) + (b & 0x7f7f7f7fu);
   return s ^ ((a ^ b) & 0x80808080u);
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ half from_float<half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ nv_bfloat16 from_float<nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float load_bias(const void* bias, int kind, int j) {
-  switch (kind) {
-    case 1: return __half2float(static_cast<const half*>(bias)[j]);
-    case 2: return __bfloat162float(static_cast<const nv_bfloat16*>(bias)[j]);
-    case 3: return static_cast<const float*>(bias)[j];
-    default: return 0.f;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

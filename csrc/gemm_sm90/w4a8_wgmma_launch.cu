@@ -3,9 +3,9 @@
 // launch's cudaError_t.
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
-#include <cstdlib>
-#include <cstring>
+#include <algorithm>
 
+#include "../smem_opt_in.cuh"
 #include "w4a8_wgmma_kernel.cuh"
 #include "w4a8_wgmma_launch.h"
 #include "w4a8_wgmma_persistent_kernel.cuh"
@@ -24,8 +24,8 @@ namespace {
 //    4 or 2 ways across a thread-block cluster (w4a8_wgmma_splitk_kernel.cuh, choose_split below): exact int32
 //    partial sums added through distributed shared memory.
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
-// QSERVE_WGMMA_IMPL (read per launch, so that a benchmark or a test can compare kernels in one process) forces,
-// at M > 128: "v2" = v2 without the split; "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
+// QSERVE_WGMMA_IMPL (read by the op per call, so that a benchmark or a test can compare kernels in one process;
+// passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
 // next tile prefetched during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async
 // kernel's larger tiles (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens
 // above).  Measured (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5); v3 was up to 8% slower
@@ -36,17 +36,6 @@ using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
 using CfgLargeWs = WsConfig<128, 5>;
 using CfgPersistent = WsConfig<128, 4>;
-
-enum class Impl { kDefault, kV1, kV2, kV3 };
-
-Impl forced_impl() {
-  const char* v = std::getenv("QSERVE_WGMMA_IMPL");
-  if (v == nullptr) return Impl::kDefault;
-  if (std::strcmp(v, "v1") == 0) return Impl::kV1;
-  if (std::strcmp(v, "v2") == 0) return Impl::kV2;
-  if (std::strcmp(v, "v3") == 0) return Impl::kV3;
-  return Impl::kDefault;
-}
 
 // Streaming multiprocessors of the current device (cached per device: one attribute query per process).
 int sm_count(int dev) {
@@ -88,60 +77,45 @@ cudaError_t make_act_map(const GemmParams& p, CUtensorMap* map) {
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The TMA kernels (v2, v3): opt in to their shared memory, encode the activation map, launch `grid` CTAs.
+template <class Cfg, typename Kernel>
+cudaError_t launch_tma(Kernel kernel, int smem, bool (&done)[64], dim3 grid, const GemmParams& p,
+                       cudaStream_t stream) {
+  cudaError_t e = opt_in_dynamic_smem(kernel, smem, done);
+  if (e != cudaSuccess) return e;
+  CUtensorMap map;
+  e = make_act_map<Cfg>(p, &map);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map, p);
+  return cudaGetLastError();
+}
+
+// One CTA per output tile (kBN tokens x kChannels channels), times `z` (the K split).
+template <class Cfg>
+dim3 tile_grid(const GemmParams& p, int z = 1) {
+  return dim3((p.M + Cfg::kBN - 1) / Cfg::kBN, (p.N + Cfg::kChannels - 1) / Cfg::kChannels, z);
+}
+template <class Cfg>
+int tile_count(const GemmParams& p) {
+  const dim3 g = tile_grid<Cfg>(p);
+  return static_cast<int>(g.x * g.y);
+}
+
 template <Mode MODE, class Cfg, typename OutT>
 cudaError_t launch_ws(const GemmParams& p, cudaStream_t stream) {
   constexpr int kSmem = Smem<MODE, Cfg>::kTotal;
   static_assert(kSmem <= 227 * 1024, "tile config exceeds sm_90's 227 KB of shared memory per block");
-  auto kernel = w4a8_wgmma_ws_kernel<MODE, Cfg, OutT>;
   static bool done[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (dev >= 64 || !done[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return e;
-    if (dev < 64) done[dev] = true;
-  }
-  CUtensorMap map;
-  e = make_act_map<Cfg>(p, &map);
-  if (e != cudaSuccess) return e;
-  const dim3 grid((p.M + Cfg::kBN - 1) / Cfg::kBN, (p.N + Cfg::kChannels - 1) / Cfg::kChannels);
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map, p);
-  return cudaGetLastError();
+  return launch_tma<Cfg>(w4a8_wgmma_ws_kernel<MODE, Cfg, OutT>, kSmem, done, tile_grid<Cfg>(p), p, stream);
 }
 
 template <Mode MODE, class Cfg, typename OutT>
-cudaError_t launch_persistent(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_persistent(const GemmParams& p, int dev, cudaStream_t stream) {
   constexpr int kSmem = PersistentSmem<MODE, Cfg>::kTotal;
   static_assert(kSmem <= 227 * 1024, "tile config exceeds sm_90's 227 KB of shared memory per block");
-  auto kernel = w4a8_wgmma_persistent_kernel<MODE, Cfg, OutT>;
   static bool done[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (dev >= 64 || !done[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return e;
-    if (dev < 64) done[dev] = true;
-  }
-  CUtensorMap map;
-  e = make_act_map<Cfg>(p, &map);
-  if (e != cudaSuccess) return e;
-  const int tiles = ((p.M + Cfg::kBN - 1) / Cfg::kBN) * ((p.N + Cfg::kChannels - 1) / Cfg::kChannels);
-  const int grid = tiles < sm_count(dev) ? tiles : sm_count(dev);
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(map, p);
-  return cudaGetLastError();
-}
-
-template <Mode MODE, class Cfg, typename OutT, int kSplit>
-cudaError_t prepare_splitk(int dev) {
-  static bool done[64] = {};
-  if (dev < 64 && done[dev]) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(w4a8_wgmma_splitk_kernel<MODE, Cfg, OutT, kSplit>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             SplitKSmem<MODE, Cfg, kSplit>::kTotal);
-  if (e == cudaSuccess && dev < 64) done[dev] = true;
-  return e;
+  const int grid = std::min(tile_count<Cfg>(p), sm_count(dev));
+  return launch_tma<Cfg>(w4a8_wgmma_persistent_kernel<MODE, Cfg, OutT>, kSmem, done, dim3(grid), p, stream);
 }
 
 template <Mode MODE, class Cfg, int kSplit>
@@ -159,22 +133,35 @@ void fill_cluster_launch(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, dim
   cfg.numAttrs = 1;
 }
 
+// The split-K kernel and its opt-in flags, one per instantiation (shared by the occupancy query and the launch).
+template <Mode MODE, class Cfg, typename OutT, int kSplit>
+struct SplitK {
+  static constexpr auto kernel = w4a8_wgmma_splitk_kernel<MODE, Cfg, OutT, kSplit>;
+  static constexpr int kSmem = SplitKSmem<MODE, Cfg, kSplit>::kTotal;
+  static_assert(kSmem <= 227 * 1024, "tile config exceeds sm_90's 227 KB of shared memory per block");
+  static cudaError_t prepare() {
+    static bool done[64] = {};
+    return opt_in_dynamic_smem(kernel, kSmem, done);
+  }
+};
+
 // How many clusters of this kernel can be resident at once (cached per device).  Clusters must fit inside a GPC,
 // so this is below SMs / kSplit when GPCs have SM counts that kSplit does not divide; a grid of more clusters
 // than this runs in two waves, which costs more than the split gains.  The query is not made while `stream` is
 // capturing a CUDA graph (the launch then goes unsplit: same numbers, bit for bit); a failed query is not cached.
 template <Mode MODE, class Cfg, typename OutT, int kSplit>
 int max_active_clusters(int dev, cudaStream_t stream) {
+  using K = SplitK<MODE, Cfg, OutT, kSplit>;
   static int counts[64] = {};
   if (dev < 64 && counts[dev] > 0) return counts[dev];
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) return -1;
-  if (prepare_splitk<MODE, Cfg, OutT, kSplit>(dev) != cudaSuccess) return -1;
+  if (K::prepare() != cudaSuccess) return -1;
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr;
   fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, dim3(1, 1, kSplit), nullptr);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, w4a8_wgmma_splitk_kernel<MODE, Cfg, OutT, kSplit>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, K::kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // the failed query's own error (not sticky): clear it, use no split
     return -1;
   }
@@ -184,19 +171,16 @@ int max_active_clusters(int dev, cudaStream_t stream) {
 
 template <Mode MODE, class Cfg, typename OutT, int kSplit>
 cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  e = prepare_splitk<MODE, Cfg, OutT, kSplit>(dev);
+  using K = SplitK<MODE, Cfg, OutT, kSplit>;
+  cudaError_t e = K::prepare();
   if (e != cudaSuccess) return e;
   CUtensorMap map;
   e = make_act_map<Cfg>(p, &map);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr;
-  const dim3 grid((p.M + Cfg::kBN - 1) / Cfg::kBN, (p.N + Cfg::kChannels - 1) / Cfg::kChannels, kSplit);
-  fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, grid, stream);
-  return cudaLaunchKernelEx(&cfg, w4a8_wgmma_splitk_kernel<MODE, Cfg, OutT, kSplit>, map, p);
+  fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, tile_grid<Cfg>(p, kSplit), stream);
+  return cudaLaunchKernelEx(&cfg, K::kernel, map, p);
 }
 
 // How many ways v2 splits K (1 = no split): the largest of 4 / 2 whose clusters all fit at once (one wave) and
@@ -205,7 +189,7 @@ cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream) {
 constexpr int kMinStagesPerSplit = 8;
 template <Mode MODE, class Cfg, typename OutT>
 int choose_split(const GemmParams& p, int dev, cudaStream_t stream) {
-  const int tiles = ((p.M + Cfg::kBN - 1) / Cfg::kBN) * ((p.N + Cfg::kChannels - 1) / Cfg::kChannels);
+  const int tiles = tile_count<Cfg>(p);
   const int ktiles = p.K / kStageK;
   if (ktiles >= 4 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 4>(dev, stream)) return 4;
   if (ktiles >= 2 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 2>(dev, stream)) return 2;
@@ -217,35 +201,25 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
   constexpr int kSmem = Smem<MODE, Cfg>::kTotal;
   static_assert(kSmem <= 227 * 1024, "tile config exceeds sm_90's 227 KB of shared memory per block");
   auto kernel = w4a8_wgmma_kernel<MODE, Cfg, OutT>;
-  // Opt in to > 48 KB of dynamic shared memory once per device (idempotent, so a race is benign).
   static bool done[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = opt_in_dynamic_smem(kernel, kSmem, done);
   if (e != cudaSuccess) return e;
-  if (dev >= 64 || !done[dev]) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return e;
-    if (dev < 64) done[dev] = true;
-  }
-  const dim3 grid((p.M + Cfg::kBN - 1) / Cfg::kBN, (p.N + Cfg::kChannels - 1) / Cfg::kChannels);
-  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  kernel<<<tile_grid<Cfg>(p), Cfg::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <Mode MODE, typename OutT>
-cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   if (p.M <= 128) return launch_cfg<MODE, CfgSmall, OutT>(p, stream);
-  switch (forced_impl()) {
-    case Impl::kV1:
-      if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
-      return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
-    case Impl::kV3: return launch_persistent<MODE, CfgPersistent, OutT>(p, stream);
-    case Impl::kV2: return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
-    default: break;
+  if (impl == Impl::kV1) {
+    if (p.M <= 512) return launch_cfg<MODE, CfgMid, OutT>(p, stream);
+    return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
   }
+  if (impl == Impl::kV2) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
+  if (impl == Impl::kV3) return launch_persistent<MODE, CfgPersistent, OutT>(p, dev, stream);
   switch (choose_split<MODE, CfgLargeWs, OutT>(p, dev, stream)) {
     case 4: return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
     case 2: return launch_splitk<MODE, CfgLargeWs, OutT, 2>(p, stream);
@@ -255,12 +229,12 @@ cudaError_t launch_by_m(const GemmParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_w4a8_wgmma(const GemmParams& p, bool per_group, bool out_bf16, cudaStream_t stream) {
+cudaError_t launch_w4a8_wgmma(const GemmParams& p, bool per_group, bool out_bf16, Impl impl, cudaStream_t stream) {
   if (per_group)
-    return out_bf16 ? launch_by_m<Mode::kPerGroup, nv_bfloat16>(p, stream)
-                    : launch_by_m<Mode::kPerGroup, half>(p, stream);
-  return out_bf16 ? launch_by_m<Mode::kPerChannel, nv_bfloat16>(p, stream)
-                  : launch_by_m<Mode::kPerChannel, half>(p, stream);
+    return out_bf16 ? launch_by_m<Mode::kPerGroup, nv_bfloat16>(p, impl, stream)
+                    : launch_by_m<Mode::kPerGroup, half>(p, impl, stream);
+  return out_bf16 ? launch_by_m<Mode::kPerChannel, nv_bfloat16>(p, impl, stream)
+                  : launch_by_m<Mode::kPerChannel, half>(p, impl, stream);
 }
 
 }  // namespace gemm_sm90

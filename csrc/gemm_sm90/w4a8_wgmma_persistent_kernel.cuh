@@ -65,42 +65,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int m_tiles = (p.M + Cfg::kBN - 1) / Cfg::kBN;
   const int tiles = m_tiles * ((p.N + Cfg::kChannels - 1) / Cfg::kChannels);
 
-  if (tid == 0) {
-    for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(full_bar + 8 * s, 1);
-      mbar_init(empty_bar + 8 * s, Cfg::kWGs);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_stage_barriers<Cfg>(full_bar, empty_bar);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Cfg::kProducerRegs));
     if (tid == 0) {
-      const int ntiles_total = p.N / 32, k32_total = p.K / 32;
       int s = 0;  // stages issued so far by this CTA, across tiles: slot s % kStages, phase s / kStages
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int m0 = (tile % m_tiles) * Cfg::kBN, n0 = (tile / m_tiles) * Cfg::kChannels;
-        const int ntiles = min(Cfg::kNTiles, ntiles_total - n0 / 32);
-        const uint32_t bytes = Cfg::kBN * kStageK + ntiles * (Cfg::kKTiles * 512) +
-                               (MODE == Mode::kPerGroup ? 2 * 32 * ntiles : 0);
         for (int kt = 0; kt < ktiles; ++kt, ++s) {
           const int slot = s % Cfg::kStages;
           if (s >= Cfg::kStages) mbar_wait(empty_bar + 8 * slot, ((s / Cfg::kStages) - 1) & 1);
-          const uint32_t stage = base + slot * L::kStage, bar = full_bar + 8 * slot;
-          mbar_arrive_expect_tx(bar, bytes);
-          tma_load_2d(stage, &act_map, kt * kStageK, m0, bar);
-          for (int t = 0; t < ntiles; ++t) {
-            const int8_t* src = p.b + ((int64_t)(n0 / 32 + t) * k32_total + kt * Cfg::kKTiles) * 512;
-            bulk_load(stage + Smem<MODE, Cfg>::kAct + t * Cfg::kKTiles * 512, src, Cfg::kKTiles * 512, bar);
-          }
-          if constexpr (MODE == Mode::kPerGroup) {
-            const int64_t off = (int64_t)kt * p.N + n0;
-            const uint32_t s2 = stage + Smem<MODE, Cfg>::kAct + Smem<MODE, Cfg>::kW;
-            bulk_load(s2, p.s2_scales + off, 32 * ntiles, bar);
-            bulk_load(s2 + Cfg::kChannels, p.s2_zeros + off, 32 * ntiles, bar);
-          }
+          issue_stage_copies<MODE, Cfg>(p, &act_map, base + slot * L::kStage, full_bar + 8 * slot, kt, m0, n0);
         }
       }
     }

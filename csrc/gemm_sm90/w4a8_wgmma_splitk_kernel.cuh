@@ -26,9 +26,8 @@ struct SplitKSmem {
   using Base = Smem<MODE, Cfg>;
   static constexpr int kPartRow = Cfg::kChannels + 4;      // int32s per staged token row: +4 = no bank conflicts
   static constexpr int kPart = Cfg::kBN * kPartRow * 4;    // bytes of the partial-sum tile
-  static constexpr int kBody = Base::kPipe > kPart ? Base::kPipe : kPart;
-  static constexpr int kBars = kBody;
-  static constexpr int kTotal = kBody + 16 * Cfg::kStages + 1024;
+  static constexpr int kBars = Base::kPipe > kPart ? Base::kPipe : kPart;  // pipeline or partial tile, then barriers
+  static constexpr int kTotal = kBars + 16 * Cfg::kStages + 1024;
   static_assert(Cfg::kBN % kSplit == 0, "each rank reduces a whole number of token rows");
 };
 
@@ -54,18 +53,6 @@ __device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t addr) {
   return v;
 }
 
-template <typename OutT> struct Pair;
-template <> struct Pair<half> {
-  using T = half2;
-  static __device__ __forceinline__ T make(float a, float b) { return __halves2half2(__float2half_rn(a), __float2half_rn(b)); }
-};
-template <> struct Pair<nv_bfloat16> {
-  using T = nv_bfloat162;
-  static __device__ __forceinline__ T make(float a, float b) {
-    return __halves2bfloat162(__float2bfloat16_rn(a), __float2bfloat16_rn(b));
-  }
-};
-
 template <Mode MODE, class Cfg, typename OutT, int kSplit>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     w4a8_wgmma_splitk_kernel(const __grid_constant__ CUtensorMap act_map, const GemmParams p) {
@@ -88,38 +75,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int ktiles = p.K / kStageK, per = (ktiles + kSplit - 1) / kSplit;
   const int kt_begin = static_cast<int>(rank) * per, kt_end = min(ktiles, kt_begin + per);
 
-  if (tid == 0) {
-    for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(full_bar + 8 * s, 1);
-      mbar_init(empty_bar + 8 * s, Cfg::kWGs);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_stage_barriers<Cfg>(full_bar, empty_bar);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer (v2's, over kt_begin..kt_end)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Cfg::kProducerRegs));
     if (tid == 0) {
-      const int ntiles_total = p.N / 32, k32_total = p.K / 32;
-      const int ntiles = min(Cfg::kNTiles, ntiles_total - n0 / 32);
-      const uint32_t bytes = Cfg::kBN * kStageK + ntiles * (Cfg::kKTiles * 512) +
-                             (MODE == Mode::kPerGroup ? 2 * 32 * ntiles : 0);
       for (int kt = kt_begin, s = 0; kt < kt_end; ++kt, ++s) {
         const int slot = s % Cfg::kStages;
         if (s >= Cfg::kStages) mbar_wait(empty_bar + 8 * slot, ((s / Cfg::kStages) - 1) & 1);
-        const uint32_t stage = base + slot * S::kStage, bar = full_bar + 8 * slot;
-        mbar_arrive_expect_tx(bar, bytes);
-        tma_load_2d(stage, &act_map, kt * kStageK, m0, bar);
-        for (int t = 0; t < ntiles; ++t) {
-          const int8_t* src = p.b + ((int64_t)(n0 / 32 + t) * k32_total + kt * Cfg::kKTiles) * 512;
-          bulk_load(stage + S::kAct + t * Cfg::kKTiles * 512, src, Cfg::kKTiles * 512, bar);
-        }
-        if constexpr (MODE == Mode::kPerGroup) {
-          const int64_t off = (int64_t)kt * p.N + n0;
-          bulk_load(stage + S::kAct + S::kW, p.s2_scales + off, 32 * ntiles, bar);
-          bulk_load(stage + S::kAct + S::kW + Cfg::kChannels, p.s2_zeros + off, 32 * ntiles, bar);
-        }
+        issue_stage_copies<MODE, Cfg>(p, &act_map, base + slot * S::kStage, full_bar + 8 * slot, kt, m0, n0);
       }
     }
     __syncwarp();
@@ -180,7 +146,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         if (p.bias_kind) v = __fadd_rn(v, load_bias(p.bias, p.bias_kind, col + e));
         o[e] = v;
       }
-      *reinterpret_cast<typename Pair<OutT>::T*>(out + (int64_t)gm * p.N + col) = Pair<OutT>::make(o[0], o[1]);
+      *reinterpret_cast<typename Pair<OutT>::type*>(out + (int64_t)gm * p.N + col) = Pair<OutT>::make(o[0], o[1]);
     }
     __syncwarp();  // lanes that skipped rows past M / N rejoin before the .aligned barrier
     cluster_sync();  // the other ranks have finished reading this CTA's partial tile

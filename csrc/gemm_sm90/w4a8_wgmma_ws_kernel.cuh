@@ -67,6 +67,41 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                : "memory");
 }
 
+// Thread 0: the stage barriers of a warp-specialized pipeline ("full": the producer's arrive.expect_tx, completed by
+// the copies' bytes; "empty": one arrive per consumer warpgroup).  The caller then synchronizes the CTA.
+template <class Cfg>
+__device__ __forceinline__ void init_stage_barriers(uint32_t full_bar, uint32_t empty_bar) {
+  for (int s = 0; s < Cfg::kStages; ++s) {
+    mbar_init(full_bar + 8 * s, 1);
+    mbar_init(empty_bar + 8 * s, Cfg::kWGs);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// Producer thread: the copies of K stage `kt` for the tile at (m0 tokens, n0 channels) into `stage`, all completing
+// on `bar`: the activation box by TMA (rows >= M zero-filled), one 2 KB bulk copy per packed 32-channel weight column
+// inside N, and for group 128 the stage's s2 scales and zeros.
+template <Mode MODE, class Cfg>
+__device__ __forceinline__ void issue_stage_copies(const GemmParams& p, const CUtensorMap* act_map, uint32_t stage,
+                                                   uint32_t bar, int kt, int m0, int n0) {
+  using L = Smem<MODE, Cfg>;
+  const int ntiles = min(Cfg::kNTiles, p.N / 32 - n0 / 32);  // weight columns inside N
+  const uint32_t bytes = Cfg::kBN * kStageK + ntiles * (Cfg::kKTiles * 512) +
+                         (MODE == Mode::kPerGroup ? 2 * 32 * ntiles : 0);
+  mbar_arrive_expect_tx(bar, bytes);
+  tma_load_2d(stage, act_map, kt * kStageK, m0, bar);
+  const int k32_total = p.K / 32;
+  for (int t = 0; t < ntiles; ++t) {
+    const int8_t* src = p.b + ((int64_t)(n0 / 32 + t) * k32_total + kt * Cfg::kKTiles) * 512;
+    bulk_load(stage + L::kAct + t * Cfg::kKTiles * 512, src, Cfg::kKTiles * 512, bar);
+  }
+  if constexpr (MODE == Mode::kPerGroup) {
+    const int64_t off = (int64_t)kt * p.N + n0;
+    bulk_load(stage + L::kAct + L::kW, p.s2_scales + off, 32 * ntiles, bar);
+    bulk_load(stage + L::kAct + L::kW + Cfg::kChannels, p.s2_zeros + off, 32 * ntiles, bar);
+  }
+}
+
 template <Mode MODE, class Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     w4a8_wgmma_ws_kernel(const __grid_constant__ CUtensorMap act_map, const GemmParams p) {
@@ -85,38 +120,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int m0 = blockIdx.x * Cfg::kBN, n0 = blockIdx.y * Cfg::kChannels;
   const int ktiles = p.K / kStageK;
 
-  if (tid == 0) {
-    for (int s = 0; s < Cfg::kStages; ++s) {
-      mbar_init(full_bar + 8 * s, 1);               // the producer's arrive.expect_tx
-      mbar_init(empty_bar + 8 * s, Cfg::kWGs);      // one arrive per consumer warpgroup
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_stage_barriers<Cfg>(full_bar, empty_bar);
   __syncthreads();
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Cfg::kProducerRegs));
     if (tid == 0) {
-      const int ntiles_total = p.N / 32, k32_total = p.K / 32;
-      const int ntiles = min(Cfg::kNTiles, ntiles_total - n0 / 32);  // weight columns inside N
-      const uint32_t bytes = Cfg::kBN * kStageK + ntiles * (Cfg::kKTiles * 512) +
-                             (MODE == Mode::kPerGroup ? 2 * 32 * ntiles : 0);
       for (int kt = 0; kt < ktiles; ++kt) {
         const int slot = kt % Cfg::kStages;
         if (kt >= Cfg::kStages) mbar_wait(empty_bar + 8 * slot, ((kt / Cfg::kStages) - 1) & 1);
-        const uint32_t stage = base + slot * L::kStage, bar = full_bar + 8 * slot;
-        mbar_arrive_expect_tx(bar, bytes);
-        tma_load_2d(stage, &act_map, kt * kStageK, m0, bar);
-        for (int t = 0; t < ntiles; ++t) {
-          const int8_t* src = p.b + ((int64_t)(n0 / 32 + t) * k32_total + kt * Cfg::kKTiles) * 512;
-          bulk_load(stage + L::kAct + t * Cfg::kKTiles * 512, src, Cfg::kKTiles * 512, bar);
-        }
-        if constexpr (MODE == Mode::kPerGroup) {
-          const int64_t off = (int64_t)kt * p.N + n0;
-          bulk_load(stage + L::kAct + L::kW, p.s2_scales + off, 32 * ntiles, bar);
-          bulk_load(stage + L::kAct + L::kW + Cfg::kChannels, p.s2_zeros + off, 32 * ntiles, bar);
-        }
+        issue_stage_copies<MODE, Cfg>(p, &act_map, base + slot * L::kStage, full_bar + 8 * slot, kt, m0, n0);
       }
     }
   } else {

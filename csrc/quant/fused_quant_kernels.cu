@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "fused_quant_params.h"
 
@@ -152,8 +151,8 @@ __device__ __forceinline__ Vec<T, kVec> gated(const T* row, int k, int i) {
 // or reduce.  Version 1 (kBatch = 1: a 14336-wide bf16 row on 1024 threads x 36 registers) fits ONE CTA per SM
 // by registers, whose three phases then run one after the other.  With 256 threads (kBatch = 2, <= 64
 // registers) or 128 (kBatch = 4) per CTA, four or more CTAs share an SM.  Decode-sized M keeps version 1: few
-// rows need many threads per row for latency.  QSERVE_FUSED_QUANT_GATED_BATCH = 1, 2 or 4 (read per launch) is
-// the benchmark's A/B switch; docs/kernels/fused_quant.md has the measured versions.
+// rows need many threads per row for latency.  launch()'s gated_batch (the op reads QSERVE_FUSED_QUANT_GATED_BATCH =
+// 1, 2 or 4 per call) is the benchmark's A/B switch; docs/kernels/fused_quant.md has the measured versions.
 constexpr int kDefaultGatedBatch = 2;
 constexpr int64_t kBatchedMinRows = 1024;
 
@@ -283,13 +282,6 @@ __global__ void __launch_bounds__(max_threads<kBatch>(), min_blocks<kBatch>()) f
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-int gated_batch() {
-  const char* env = std::getenv("QSERVE_FUSED_QUANT_GATED_BATCH");
-  if (env == nullptr) return kDefaultGatedBatch;
-  const int b = std::atoi(env);
-  return (b == 1 || b == 2 || b == 4) ? b : kDefaultGatedBatch;
-}
-
 template <typename T, Prologue kP, int kBatch>
 cudaError_t launch_batch(const Params& p, bool vectorize, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
@@ -309,7 +301,7 @@ cudaError_t launch_batch(const Params& p, bool vectorize, cudaStream_t stream) {
 }
 
 template <typename T, Prologue kP>
-cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
+cudaError_t launch_typed(const Params& p, cudaStream_t stream, int gated_batch) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vectorize = p.k % kVec == 0 && aligned16(p.x) && p.x_row_stride % kVec == 0 &&
                          (kP == Prologue::kSiluMul || kP == Prologue::kGeluTanhMul || aligned16(p.weight)) &&
@@ -319,7 +311,7 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
   // SiLU only: GeLU-tanh rows (Gemma) keep version 1 at every M until the batched launch has run on the GPU for them.
   if constexpr (kP == Prologue::kSiluMul) {
     if (p.m < kBatchedMinRows) return launch_batch<T, kP, 1>(p, vectorize, stream);
-    switch (gated_batch()) {
+    switch (gated_batch == 0 ? kDefaultGatedBatch : gated_batch) {
       case 1: return launch_batch<T, kP, 1>(p, vectorize, stream);
       case 4: return launch_batch<T, kP, 4>(p, vectorize, stream);
       default: return launch_batch<T, kP, 2>(p, vectorize, stream);
@@ -330,24 +322,24 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t launch_prologue(Prologue prologue, const Params& p, cudaStream_t stream) {
+cudaError_t launch_prologue(Prologue prologue, const Params& p, cudaStream_t stream, int gated_batch) {
   switch (prologue) {
-    case Prologue::kRmsNorm: return launch_typed<T, Prologue::kRmsNorm>(p, stream);
-    case Prologue::kAddRmsNorm: return launch_typed<T, Prologue::kAddRmsNorm>(p, stream);
-    case Prologue::kSiluMul: return launch_typed<T, Prologue::kSiluMul>(p, stream);
-    case Prologue::kGeluTanhMul: return launch_typed<T, Prologue::kGeluTanhMul>(p, stream);
+    case Prologue::kRmsNorm: return launch_typed<T, Prologue::kRmsNorm>(p, stream, gated_batch);
+    case Prologue::kAddRmsNorm: return launch_typed<T, Prologue::kAddRmsNorm>(p, stream, gated_batch);
+    case Prologue::kSiluMul: return launch_typed<T, Prologue::kSiluMul>(p, stream, gated_batch);
+    case Prologue::kGeluTanhMul: return launch_typed<T, Prologue::kGeluTanhMul>(p, stream, gated_batch);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch(Prologue prologue, Dtype dtype, const Params& p, cudaStream_t stream) {
+cudaError_t launch(Prologue prologue, Dtype dtype, const Params& p, cudaStream_t stream, int gated_batch) {
   if (p.m == 0) return cudaSuccess;
   switch (dtype) {
-    case Dtype::kHalf: return launch_prologue<half>(prologue, p, stream);
-    case Dtype::kBFloat16: return launch_prologue<nv_bfloat16>(prologue, p, stream);
-    case Dtype::kFloat: return launch_prologue<float>(prologue, p, stream);
+    case Dtype::kHalf: return launch_prologue<half>(prologue, p, stream, gated_batch);
+    case Dtype::kBFloat16: return launch_prologue<nv_bfloat16>(prologue, p, stream, gated_batch);
+    case Dtype::kFloat: return launch_prologue<float>(prologue, p, stream, gated_batch);
   }
   return cudaErrorInvalidValue;
 }

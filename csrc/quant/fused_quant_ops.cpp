@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -90,9 +91,21 @@ std::pair<at::Tensor, at::Tensor> stats_outputs(const at::Tensor& x, const std::
   return {at::empty(lead, f32), at::empty(with_sum ? lead : std::vector<int64_t>{0}, f32)};
 }
 
+// QSERVE_FUSED_QUANT_GATED_BATCH (benchmarks' A/B switch for silu_mul_quant's launch at M >= 1024): 1, 2 or 4, or
+// unset / empty for the default.  Read per call so that one process can time every variant.
+int gated_batch_from_env(const char* op) {
+  const char* env = std::getenv("QSERVE_FUSED_QUANT_GATED_BATCH");
+  if (env == nullptr || *env == '\0') return 0;
+  const std::string v(env);
+  FCHECK(v == "1" || v == "2" || v == "4", "QSERVE_FUSED_QUANT_GATED_BATCH must be 1, 2 or 4 (or unset), got '", v,
+         "'");
+  return std::stoi(v);
+}
+
 void run(const char* op, Prologue prologue, const at::Tensor& x, Params& p) {
-  const cudaError_t err =
-      fused_quant::launch(prologue, act_dtype(op, x), p, at::cuda::getCurrentCUDAStream(x.device().index()));
+  const int gated_batch = prologue == Prologue::kSiluMul ? gated_batch_from_env(op) : 0;
+  const cudaError_t err = fused_quant::launch(prologue, act_dtype(op, x), p,
+                                              at::cuda::getCurrentCUDAStream(x.device().index()), gated_batch);
   FCHECK(err == cudaSuccess, "kernel launch failed: ", cudaGetErrorString(err));
 }
 

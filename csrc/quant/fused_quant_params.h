@@ -36,8 +36,10 @@ struct Params {
   int k = 0;  // quantized width (kSiluMul: half the input width)
 };
 
-// Launches on `stream`; returns the launch error (cudaSuccess when m == 0).
-cudaError_t launch(Prologue prologue, Dtype dtype, const Params& p, cudaStream_t stream);
+// Launches on `stream`; returns the launch error (cudaSuccess when m == 0).  gated_batch: kSiluMul at m >= 1024,
+// vectors per thread of the batched launch (1, 2 or 4; 0 = the default, 2), from QSERVE_FUSED_QUANT_GATED_BATCH
+// (a benchmark's A/B switch, read by the op; fused_quant_kernels.cu, docs/kernels/fused_quant.md).
+cudaError_t launch(Prologue prologue, Dtype dtype, const Params& p, cudaStream_t stream, int gated_batch = 0);
 
 }  // namespace fused_quant
 }  // namespace qserve
