@@ -29,7 +29,7 @@ COLS = ["mma_pc", "wgmma_pc", "wgmma_pc_v2", "mma_g128", "wgmma_g128", "wgmma_g1
         "int_mm"]
 # _v2 columns: the warp-specialized kernel without the cluster K split (QSERVE_WGMMA_IMPL=v2, read by the op at
 # every call), only where it can differ from the default (M > 128, where the default may split K across a cluster);
-# `--forced v3` times the persistent kernel instead.
+# `--forced v2,v2-serial,v3` adds a column per kernel named (v2-serial: v2 without k-step pipelining).
 # Earlier runs of docs/kernels/gemm_sm90.md had _v1 columns (the cp.async kernel) and _ws columns (v2 when the
 # default still used v1 tiles up to 512); `--forced v1` brings the _v1 columns back.
 
@@ -42,12 +42,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--forced", default="v2", choices=["v1", "v2", "v3"], help="the kernel of the _vN columns")
+    ap.add_argument("--forced", default="v2",
+                    help="comma list of kernels forced in extra columns (v1, v2, v2-serial, v3): wgmma_pc_<kernel>")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     ap.add_argument("--json", default=os.path.join(out_dir, "bench_gemm_sm90.json"))
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
-    cols = [c.replace("_v2", "_" + args.forced) for c in COLS]
+    forced = args.forced.split(",") if args.forced else []
+    bad = [f for f in forced if f not in ("v1", "v2", "v2-serial", "v3")]
+    if bad:
+        ap.error(f"--forced: unknown kernel(s) {bad}; choose from v1, v2, v2-serial, v3")
+    cols = []
+    for c in COLS:
+        cols += [c.replace("_v2", "_" + f) for f in forced] if c.endswith("_v2") else [c]
     dev = "cuda"
     torch.manual_seed(0)
     results = []
@@ -83,21 +90,21 @@ def main():
                 "wgmma_pc": lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
                 "mma_g128": lambda: qt.w4a8_gemm_per_group(xq, sx, qweight, s1, s2, z2, None, bf),
                 "wgmma_g128": lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
-                f"wgmma_pc_{args.forced}":
-                    lambda: qt.w4a8_gemm_per_channel_sm90(xq, sx, xs, qweight, s1, sz, None, bf, 0),
-                f"wgmma_g128_{args.forced}":
-                    lambda: qt.w4a8_gemm_per_group_sm90(xq, sx, qweight, s1, s2, z2, None, bf, 0),
                 "bf16_mm": lambda: torch.mm(xbf, wbf.t()),
                 "fp8_scaled_mm": lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=sa, scale_b=sb, out_dtype=bf),
                 "int_mm": lambda: torch._int_mm(xi, w8.t()),
             }
+            for f in forced:  # the same ops; the kernel is picked by QSERVE_WGMMA_IMPL below
+                fns[f"wgmma_pc_{f}"] = fns["wgmma_pc"]
+                fns[f"wgmma_g128_{f}"] = fns["wgmma_g128"]
             row = {"shape": sname, "N": n, "K": k, "M": m}
             for c in cols:
-                if c.endswith("_" + args.forced):
+                f = next((f for f in forced if c.endswith("_" + f)), None)
+                if f is not None:
                     if m <= 128:
                         row[c] = None
                         continue
-                    os.environ["QSERVE_WGMMA_IMPL"] = args.forced
+                    os.environ["QSERVE_WGMMA_IMPL"] = f
                 else:
                     os.environ.pop("QSERVE_WGMMA_IMPL", None)
                 try:

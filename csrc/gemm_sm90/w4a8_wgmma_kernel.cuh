@@ -64,6 +64,7 @@ struct Config {
   static constexpr int kNTiles = kChannels / 32;     // packed 32-channel tiles per CTA
   static constexpr int kKTiles = kStageK / 32;       // packed k32 tiles per stage
   static constexpr int kAccPerBlock = kBN / 2;       // s32 accumulators per thread per m64 block
+  static constexpr bool kStepPipelined = false;      // see consume_stage
   static_assert(kBN % 64 == 0 && kBN <= 128, "the kernel instantiates wgmma n64 and n128 only");
   static_assert(kStages >= 2, "prefetch distance kStages-1 must be >= 1");
 };
@@ -154,46 +155,51 @@ __device__ __forceinline__ void load_stage(const GemmParams& p, uint32_t stage, 
   }
 }
 
-// 4-bit codes (and group-128 s2 / zeros) -> int8 A fragments of both m64 blocks for the 4 k32 steps of a stage.
-template <Mode MODE, class Cfg>
-__device__ __forceinline__ void build_a(uint32_t stage, int wg, int warp, int lane, uint32_t (&a)[2][4][4]) {
-  using L = Smem<MODE, Cfg>;
-  constexpr uint32_t kLo = 0x0F0F0F0Fu;
-  const int ntl = wg * 4 + warp;  // this warp's packed tile in the CTA
-  const uint32_t wtile = stage + L::kAct + ntl * Cfg::kKTiles * 512 + lane * 16;
+// The group-128 s2 scales and zeros a lane needs for a stage.  Bytes 0..3 of the lane group's word: channels r,
+// r+8, r+16, r+24 of the warp's packed tile (block 0 rows g / g+8, block 1 rows g / g+8).
+struct GroupBytes {
   uint32_t s_lo[2], s_hi[2], z_lo[2], z_hi[2];
+};
+template <Mode MODE, class Cfg>
+__device__ __forceinline__ GroupBytes load_group_bytes(uint32_t stage, int wg, int warp, int lane) {
+  using L = Smem<MODE, Cfg>;
+  GroupBytes r{};
   if constexpr (MODE == Mode::kPerGroup) {
-    // Bytes 0..3 of the lane group's word: channels r, r+8, r+16, r+24 of the tile (block 0 rows g / g+8,
-    // block 1 rows g / g+8).
-    const uint32_t sbase = stage + L::kAct + L::kW + ntl * 32 + (lane >> 2) * 4;
+    const uint32_t sbase = stage + L::kAct + L::kW + (wg * 4 + warp) * 32 + (lane >> 2) * 4;
     const uint32_t sw = lds32(sbase), zw = lds32(sbase + Cfg::kChannels);
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      s_lo[b] = (sw >> (16 * b)) & 0xFFu;
-      s_hi[b] = (sw >> (16 * b + 8)) & 0xFFu;
-      z_lo[b] = __byte_perm(zw, 0, (2 * b) * 0x1111);      // byte 2b broadcast to all four byte lanes
-      z_hi[b] = __byte_perm(zw, 0, (2 * b + 1) * 0x1111);
+      r.s_lo[b] = (sw >> (16 * b)) & 0xFFu;
+      r.s_hi[b] = (sw >> (16 * b + 8)) & 0xFFu;
+      r.z_lo[b] = __byte_perm(zw, 0, (2 * b) * 0x1111);      // byte 2b broadcast to all four byte lanes
+      r.z_hi[b] = __byte_perm(zw, 0, (2 * b + 1) * 0x1111);
     }
   }
+  return r;
+}
+
+// One k32 step: a lane's 16 packed bytes -> the int8 A fragments of both m64 blocks (low nibbles = block 0, high
+// nibbles = block 1; group 128: w8 = q * s2 + zero, byte-wise).
+template <Mode MODE>
+__device__ __forceinline__ void convert_step(const uint4 v, const GroupBytes& gb, uint32_t (&a0)[4],
+                                             uint32_t (&a1)[4]) {
+  constexpr uint32_t kLo = 0x0F0F0F0Fu;
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    const uint4 v = lds128(wtile + ks * 512);
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int sh = 4 * b;
-      const uint32_t q0 = (v.x >> sh) & kLo, q1 = (v.y >> sh) & kLo, q2 = (v.z >> sh) & kLo, q3 = (v.w >> sh) & kLo;
-      if constexpr (MODE == Mode::kPerGroup) {
-        // q * s2 <= 255 per byte (QServe's contract): one 32-bit multiply scales four weights.
-        a[b][ks][0] = add_bytes(q0 * s_lo[b], z_lo[b]);
-        a[b][ks][1] = add_bytes(q1 * s_hi[b], z_hi[b]);
-        a[b][ks][2] = add_bytes(q2 * s_lo[b], z_lo[b]);
-        a[b][ks][3] = add_bytes(q3 * s_hi[b], z_hi[b]);
-      } else {
-        a[b][ks][0] = q0;
-        a[b][ks][1] = q1;
-        a[b][ks][2] = q2;
-        a[b][ks][3] = q3;
-      }
+  for (int b = 0; b < 2; ++b) {
+    uint32_t(&a)[4] = b == 0 ? a0 : a1;
+    const int sh = 4 * b;
+    const uint32_t q0 = (v.x >> sh) & kLo, q1 = (v.y >> sh) & kLo, q2 = (v.z >> sh) & kLo, q3 = (v.w >> sh) & kLo;
+    if constexpr (MODE == Mode::kPerGroup) {
+      // q * s2 <= 255 per byte (QServe's contract): one 32-bit multiply scales four weights.
+      a[0] = add_bytes(q0 * gb.s_lo[b], gb.z_lo[b]);
+      a[1] = add_bytes(q1 * gb.s_hi[b], gb.z_hi[b]);
+      a[2] = add_bytes(q2 * gb.s_lo[b], gb.z_lo[b]);
+      a[3] = add_bytes(q3 * gb.s_hi[b], gb.z_hi[b]);
+    } else {
+      a[0] = q0;
+      a[1] = q1;
+      a[2] = q2;
+      a[3] = q3;
     }
   }
 }
@@ -208,27 +214,54 @@ __device__ __forceinline__ void mma(int (&acc)[Cfg::kAccPerBlock], const uint32_
   }
 }
 
-// One stage of a consumer warpgroup: build this stage's A fragments, issue its 8 wgmmas (2 m64 blocks x 4 k32
-// steps, B = the stage's activation tile) and wait for them.
+// One stage of a consumer warpgroup: its 4 k32 steps x 2 m64 blocks of wgmma (B = the stage's activation tile),
+// A converted from the stage's packed weights, then a wait for all 8 (wait_group 0: the slot and the fragment
+// registers are free when this returns).
 //
-// Why wait_group 0 here (no wgmma left in flight across stages): wgmma reads its register operands
-// asynchronously, until the wait that retires it.  Building the next stage's fragments while this stage's
-// wgmmas run either lets the compiler reuse the fragment registers under the running wgmmas (v1 had
-// wait_group 1 and reused them: wrong results on the H100, worst in per-channel mode, whose conversion is the
-// quickest), or, with the registers pinned, makes ptxas serialize every wgmma (C7513).  The overlap comes
-// instead from the other consumer warpgroup (v2) or the other CTAs on the SM (v1 small tiles), whose wgmmas
-// run while this warpgroup converts.
+// Cfg::kStepPipelined (v2 / v3 / split-K): step ks+1 is converted while step ks's wgmmas run.  Each step has its
+// own fragment registers (a[4][2][4], fully unrolled, so distinct PTX registers never rewritten before the wait),
+// and a wgmma.fence orders each step's conversion before the wgmmas that read it; the registers stay live to the
+// wait (the empty asm after it), so ptxas cannot hand them to later code while a wgmma may still read them.
+// Otherwise (v1): all 4 steps are converted, then the 8 wgmmas issued.
+//
+// Why no wgmma is left in flight across stages: wgmma reads its register operands asynchronously, until the wait
+// that retires it.  v1 once had wait_group 1 and rewrote the same fragment variables for the next stage under the
+// running wgmmas: wrong results on the H100, worst in per-channel mode, whose conversion is the quickest.  The
+// overlap across stages comes from the other consumer warpgroup (v2) or the other CTAs on the SM (v1 small tiles).
 template <Mode MODE, class Cfg>
 __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, int lane, bool first,
                                               int (&acc)[2][Cfg::kAccPerBlock]) {
-  uint32_t a[2][4][4];
-  build_a<MODE, Cfg>(stage, wg, warp, lane, a);
-  wgmma_fence();
+  using L = Smem<MODE, Cfg>;
+  // This warp's packed tile (wg * 4 + warp) in the CTA: 4 consecutive 512-byte k32 tiles, 16 bytes per lane.
+  const uint32_t wtile = stage + L::kAct + (wg * 4 + warp) * Cfg::kKTiles * 512 + lane * 16;
+  const GroupBytes gb = load_group_bytes<MODE, Cfg>(stage, wg, warp, lane);
+  uint4 v[4];
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
-    const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
+  for (int ks = 0; ks < 4; ++ks) v[ks] = lds128(wtile + ks * 512);
+  uint32_t a[4][2][4];
+  if constexpr (Cfg::kStepPipelined) {
+    convert_step<MODE>(v[0], gb, a[0][0], a[0][1]);
+    wgmma_fence();
 #pragma unroll
-    for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[b][ks], desc, !first || ks > 0);
+    for (int ks = 0; ks < 4; ++ks) {
+      const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
+#pragma unroll
+      for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[ks][b], desc, !first || ks > 0);
+      if (ks < 3) {
+        convert_step<MODE>(v[ks + 1], gb, a[ks + 1][0], a[ks + 1][1]);
+        wgmma_fence();
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) convert_step<MODE>(v[ks], gb, a[ks][0], a[ks][1]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
+#pragma unroll
+      for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[ks][b], desc, !first || ks > 0);
+    }
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -236,6 +269,14 @@ __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, 
   for (int b = 0; b < 2; ++b)
 #pragma unroll
     for (int i = 0; i < Cfg::kAccPerBlock; ++i) reg_fence(acc[b][i]);
+  if constexpr (Cfg::kStepPipelined) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[ks][b][r])::"memory");
+  }
 }
 
 // Epilogue, part 1: the reference's fp32 operations on this warpgroup's accumulators, written as OutT into the

@@ -25,7 +25,8 @@ namespace {
 //    partial sums added through distributed shared memory.
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
 // QSERVE_WGMMA_IMPL (read by the op per call, so that a benchmark or a test can compare kernels in one process;
-// passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
+// passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v2-serial" = that with session 7's
+// consume_stage (all 4 k32 steps converted before the stage's wgmmas, no step pipelining); "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
 // next tile prefetched during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async
 // kernel's larger tiles (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens
 // above).  Measured (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5); v3 was up to 8% slower
@@ -35,6 +36,7 @@ using CfgSmall = Config<1, 64, 4>;
 using CfgMid = Config<1, 128, 4>;
 using CfgLarge = Config<2, 128, 5>;
 using CfgLargeWs = WsConfig<128, 5>;
+using CfgLargeWsSerial = WsConfig<128, 5, /*step_pipelined=*/false>;
 using CfgPersistent = WsConfig<128, 4>;
 
 // Streaming multiprocessors of the current device (cached per device: one attribute query per process).
@@ -216,6 +218,7 @@ cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
     return launch_cfg<MODE, CfgLarge, OutT>(p, stream);
   }
   if (impl == Impl::kV2) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
+  if (impl == Impl::kV2Serial) return launch_ws<MODE, CfgLargeWsSerial, OutT>(p, stream);
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;

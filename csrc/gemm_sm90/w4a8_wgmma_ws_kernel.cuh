@@ -20,7 +20,7 @@
 namespace qserve {
 namespace gemm_sm90 {
 
-template <int BN_, int STAGES_>
+template <int BN_, int STAGES_, bool STEP_PIPELINED_ = true>
 struct WsConfig {
   static constexpr int kWGs = 2;                   // consumer warpgroups
   static constexpr int kBN = BN_;
@@ -30,6 +30,7 @@ struct WsConfig {
   static constexpr int kNTiles = kChannels / 32;
   static constexpr int kKTiles = kStageK / 32;
   static constexpr int kAccPerBlock = kBN / 2;
+  static constexpr bool kStepPipelined = STEP_PIPELINED_;  // convert k32 step ks+1 under step ks's wgmmas
   static constexpr int kConsumerRegs = 232;        // setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 65536
   static constexpr int kProducerRegs = 40;
 };
