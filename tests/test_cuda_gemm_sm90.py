@@ -27,11 +27,12 @@ pytestmark = [
 DEV = "cuda"
 
 
-@pytest.fixture(autouse=True, params=["auto", "v2", "v2-serial", "v3", "v1"])
+@pytest.fixture(autouse=True, params=["auto", "v2", "v2-serial", "v3", "v1", "split4"])
 def wgmma_impl(request, monkeypatch):
     """Every test runs with the launcher's own choice at M > 128 (v2, warp-specialized, with K split 2 or 4 ways
     across a cluster where the tiles are few: e.g. M = 129-300 on 4096-channel layers, test_integer_accumulation
-    and test_extreme_values), with v2 unsplit, v2 without step pipelining (v2-serial), v3 (v2 on a persistent grid: one CTA per SM, so the large M and N
+    and test_extreme_values), with v2 unsplit, v2 without step pipelining (v2-serial), the 4-way split whatever the
+    occupancy (split4: several waves of clusters at large M), v3 (v2 on a persistent grid: one CTA per SM, so the large M and N
     here give each CTA several tiles, partial ones included) and v1 (cp.async) forced (QSERVE_WGMMA_IMPL, read by
     the launcher at every call), so all stay correct on every shape; M <= 128 uses the small v1 tiles in every
     run."""
@@ -207,4 +208,4 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     assert out.shape == (0, n)
     # The benchmarks' kernel switch names itself when mistyped (not silently the default kernel).
     monkeypatch.setenv("QSERVE_WGMMA_IMPL", "v9")
-    expect("QSERVE_WGMMA_IMPL must be v1, v2, v2-serial or v3 \\(or unset\\), got 'v9'")
+    expect("QSERVE_WGMMA_IMPL must be v1, v2, v2-serial, v3, split2 or split4 \\(or unset\\), got 'v9'")

@@ -26,7 +26,8 @@ namespace {
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
 // QSERVE_WGMMA_IMPL (read by the op per call, so that a benchmark or a test can compare kernels in one process;
 // passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v2-serial" = that with session 7's
-// consume_stage (all 4 k32 steps converted before the stage's wgmmas, no step pipelining); "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
+// consume_stage (all 4 k32 steps converted before the stage's wgmmas, no step pipelining); "split2" / "split4" =
+// the cluster split-K kernel with that split whatever the occupancy (2 / 1 where K has fewer stages); "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
 // next tile prefetched during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async
 // kernel's larger tiles (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens
 // above).  Measured (docs/kernels/gemm_sm90.md): v2 beat CfgMid at every M = 192-512 (run 5); v3 was up to 8% slower
@@ -185,6 +186,12 @@ cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream) {
   return cudaLaunchKernelEx(&cfg, K::kernel, map, p);
 }
 
+// The split-K kernel gives rank r the stages [r per, (r+1) per), per = ceil(ktiles / split): the last rank is
+// empty unless (split - 1) per < ktiles (K = 5 stages split 4 ways: 2, 2, 1, 0).
+constexpr bool every_rank_has_stages(int ktiles, int split) {
+  return (split - 1) * ((ktiles + split - 1) / split) < ktiles;
+}
+
 // How many ways v2 splits K (1 = no split): the largest of 4 / 2 whose clusters all fit at once (one wave) and
 // that leaves every CTA at least kMinStagesPerSplit stages (the pipeline's depth plus a few, to amortize the
 // reduction).
@@ -223,6 +230,13 @@ cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   if (impl == Impl::kV3) return launch_persistent<MODE, CfgPersistent, OutT>(p, dev, stream);
+  // Forced splits (no occupancy check), as far as K allows: every rank must keep at least one stage.
+  const int ktiles = p.K / kStageK;
+  if (impl == Impl::kSplit4 && every_rank_has_stages(ktiles, 4))
+    return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
+  if ((impl == Impl::kSplit4 || impl == Impl::kSplit2) && every_rank_has_stages(ktiles, 2))
+    return launch_splitk<MODE, CfgLargeWs, OutT, 2>(p, stream);
+  if (impl == Impl::kSplit4 || impl == Impl::kSplit2) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
   switch (choose_split<MODE, CfgLargeWs, OutT>(p, dev, stream)) {
     case 4: return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
     case 2: return launch_splitk<MODE, CfgLargeWs, OutT, 2>(p, stream);
