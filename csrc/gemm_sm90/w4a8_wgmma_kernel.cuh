@@ -69,6 +69,54 @@ struct Config {
   static_assert(kStages >= 2, "prefetch distance kStages-1 must be >= 1");
 };
 
+// The epilogue's factors for one output tile, as fp32 in shared memory: per token sx and xsum, per channel the
+// column scale, the per-channel zero term and the bias (0 where unused or outside M / N).  The consumer threads
+// load them at the start of each tile, while its first stages are still in flight, and the barrier before the
+// epilogue publishes them.  Why: read in the epilogue itself, these were a dozen dependent global loads per thread
+// and tile, which the split-K reduction loop even issued one row at a time (~0.5 us each, serialized behind the
+// previous row's stores): on the H100 at M = 256 that was about half of o_proj's 29 us.
+template <class Cfg>
+struct EpiFactors {
+  static constexpr int kSx = 0, kXs = Cfg::kBN, kCs = 2 * Cfg::kBN;
+  static constexpr int kCz = kCs + Cfg::kChannels, kCb = kCz + Cfg::kChannels;
+  static constexpr int kCount = kCb + Cfg::kChannels;
+  static constexpr int kBytes = kCount * 4;
+};
+
+// Threads t = 0 .. kLoaders-1 load the factors of the tile at (m0 tokens, n0 channels) into `ep`: every load of a
+// thread first, then its stores, so the loads are in flight together (one memory latency, not one per value).
+template <Mode MODE, class Cfg, int kLoaders>
+__device__ __forceinline__ void load_epilogue_factors(const GemmParams& p, float* ep, int m0, int n0, int t) {
+  using E = EpiFactors<Cfg>;
+  constexpr int kPer = (E::kCount + kLoaders - 1) / kLoaders;
+  float v[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = t + u * kLoaders;
+    float x = 0.f;
+    if (i < E::kCs) {  // sx, xsum of token i (or i - kBN)
+      const int tok = i < E::kXs ? i : i - E::kXs, gm = m0 + tok;
+      if (gm < p.M) {
+        if (i < E::kXs) x = __ldg(p.sx + gm);
+        else if (MODE == Mode::kPerChannel) x = __ldg(p.xsum + gm);
+      }
+    } else if (i < E::kCount) {  // column scale, zero term, bias of channel c
+      const int which = (i - E::kCs) / Cfg::kChannels, col = n0 + (i - E::kCs) % Cfg::kChannels;
+      if (col < p.N) {
+        if (which == 0) x = __half2float(static_cast<const half*>(p.col_scale)[col]);
+        else if (which == 1) x = MODE == Mode::kPerChannel ? __half2float(static_cast<const half*>(p.szeros)[col]) : 0.f;
+        else x = p.bias_kind ? load_bias(p.bias, p.bias_kind, col) : 0.f;
+      }
+    }
+    v[u] = x;
+  }
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = t + u * kLoaders;
+    if (i < E::kCount) ep[i] = v[u];
+  }
+}
+
 template <Mode MODE, class Cfg>
 struct Smem {
   static constexpr int kAct = Cfg::kBN * kStageK;                  // swizzled activation tile
@@ -79,8 +127,10 @@ struct Smem {
   static constexpr int kOutRow = Cfg::kChannels * 2 + 16;          // bytes per staged output row (padded)
   static constexpr int kOut = Cfg::kBN * kOutRow;
   static constexpr int kPipeAndOut = kPipe > kOut ? kPipe : kOut;
-  // + mbarriers (v2: full/empty per stage) + slack to align the base to 1024
-  static constexpr int kTotal = kPipeAndOut + 16 * Cfg::kStages + 1024;
+  // + mbarriers (v2: full/empty per stage, then the epilogue factors' barrier), the epilogue factors, and slack to
+  // align the base to 1024
+  static constexpr int kEpi = kPipeAndOut + 16 * Cfg::kStages + 8;
+  static constexpr int kTotal = kEpi + EpiFactors<Cfg>::kBytes + 1024;
 };
 
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool pred) {
@@ -280,13 +330,15 @@ __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, 
 }
 
 // Epilogue, part 1: the reference's fp32 operations on this warpgroup's accumulators, written as OutT into the
-// [kBN tokens][kChannels] staging tile in shared memory (rows padded by 16 bytes: no bank conflicts).
+// [kBN tokens][kChannels] staging tile in shared memory (rows padded by 16 bytes: no bank conflicts).  The factors
+// come from `ep` (EpiFactors, staged in shared memory by the kernel at the start of the tile).
 // Accumulator i of block b (PTX ISA wgmma D fragment, = CUTLASS CLayout_64xN):
 //   row (channel side) 16*warp + g + 8*((i>>1)&1),  column (token) 8*(i>>2) + 2t + (i&1).
 template <Mode MODE, class Cfg, typename OutT>
 __device__ __forceinline__ void epilogue_to_smem(const GemmParams& p, const int (&acc)[2][Cfg::kAccPerBlock],
-                                                 uint8_t* tile, int m0, int n0, int wg, int warp, int lane) {
+                                                 const float* ep, uint8_t* tile, int wg, int warp, int lane) {
   using L = Smem<MODE, Cfg>;
+  using E = EpiFactors<Cfg>;
   const int g = lane >> 2, t = lane & 3;
   float col_s[2][2], col_z[2][2], col_b[2][2];
   int ch_local[2][2];
@@ -296,20 +348,17 @@ __device__ __forceinline__ void epilogue_to_smem(const GemmParams& p, const int 
     for (int h = 0; h < 2; ++h) {
       const int cl = (wg * 4 + warp) * 32 + 16 * b + g + 8 * h;  // the row <-> channel permutation (header)
       ch_local[b][h] = cl;
-      const int col = n0 + cl;
-      const bool v = col < p.N;
-      col_s[b][h] = v ? __half2float(static_cast<const half*>(p.col_scale)[col]) : 0.f;
-      col_z[b][h] = (MODE == Mode::kPerChannel && v) ? __half2float(static_cast<const half*>(p.szeros)[col]) : 0.f;
-      col_b[b][h] = (p.bias_kind && v) ? load_bias(p.bias, p.bias_kind, col) : 0.f;
+      col_s[b][h] = ep[E::kCs + cl];
+      col_z[b][h] = ep[E::kCz + cl];
+      col_b[b][h] = ep[E::kCb + cl];
     }
 #pragma unroll
   for (int j = 0; j < Cfg::kBN / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int tok = 8 * j + 2 * t + e;
-      const int gm = m0 + tok;
-      const float sx = gm < p.M ? p.sx[gm] : 0.f;
-      const float xs = (MODE == Mode::kPerChannel && gm < p.M) ? p.xsum[gm] : 0.f;
+      const float sx = ep[E::kSx + tok];
+      const float xs = ep[E::kXs + tok];
       OutT* row = reinterpret_cast<OutT*>(tile + tok * L::kOutRow);
 #pragma unroll
       for (int b = 0; b < 2; ++b)
@@ -371,6 +420,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const Gemm
     if (s < ktiles) load_stage<MODE, Cfg>(p, base + s * L::kStage, m0, n0, s * kStageK);
     cp_async_commit();
   }
+  // The epilogue's factors, published by the main loop's first barrier (K >= 128: at least one iteration).
+  float* const ep = reinterpret_cast<float*>(base_ptr + L::kEpi);
+  load_epilogue_factors<MODE, Cfg, Cfg::kThreads>(p, ep, m0, n0, tid);
 
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_async_wait<kAhead - 1>();   // this thread's copies of stage kt have landed ...
@@ -384,7 +436,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const Gemm
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the pipeline buffers: reuse them for the output tile
 
-  epilogue_to_smem<MODE, Cfg, OutT>(p, acc, base_ptr, m0, n0, wg, warp, lane);
+  epilogue_to_smem<MODE, Cfg, OutT>(p, acc, ep, base_ptr, wg, warp, lane);
   __syncthreads();
   store_tile<Cfg, OutT>(p, base_ptr, m0, n0, tid, Cfg::kThreads);
 #endif

@@ -29,7 +29,8 @@ struct PersistentSmem {
   static constexpr int kOutRow = Base::kOutRow;
   static constexpr int kOut = Base::kOut;        // [kBN tokens][kChannels] staged output, rows padded by 16 bytes
   static constexpr int kBars = kPipe + kOut;     // full + empty mbarriers
-  static constexpr int kTotal = kBars + 16 * Cfg::kStages + 1024;  // + slack to align the base to 1024
+  static constexpr int kEpi = kBars + 16 * Cfg::kStages;  // the epilogue's factors of the current tile
+  static constexpr int kTotal = kEpi + EpiFactors<Cfg>::kBytes + 1024;  // + slack to align the base to 1024
 };
 
 // Shared -> global bulk copy (async proxy), tracked by the issuing thread's bulk groups.
@@ -88,10 +89,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int ctid = tid - 128, cwg = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
     const bool store_warp = ctid < 32;  // issues (and later waits for) the output tile's bulk stores
     OutT* const out = static_cast<OutT*>(p.out);
+    float* const ep = reinterpret_cast<float*>(smem_raw + (base - raw) + L::kEpi);
     int acc[2][Cfg::kAccPerBlock];  // each tile's first k32 step overwrites (scale-d = false)
     int s = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       const int m0 = (tile % m_tiles) * Cfg::kBN, n0 = (tile / m_tiles) * Cfg::kChannels;
+      // This tile's epilogue factors (the previous tile's epilogue is past the barrier that ended it), published by
+      // the barrier before this tile's epilogue.
+      load_epilogue_factors<MODE, Cfg, 128 * Cfg::kWGs>(p, ep, m0, n0, ctid);
       for (int kt = 0; kt < ktiles; ++kt, ++s) {
         const int slot = s % Cfg::kStages;
         mbar_wait(full_bar + 8 * slot, (s / Cfg::kStages) & 1);
@@ -101,7 +106,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // The previous tile's bulk stores must have read the staging buffer before it is overwritten.
       if (store_warp) bulk_wait_read_all();
       asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
-      epilogue_to_smem<MODE, Cfg, OutT>(p, acc, out_tile, m0, n0, cwg, warp, lane);
+      epilogue_to_smem<MODE, Cfg, OutT>(p, acc, ep, out_tile, cwg, warp, lane);
       fence_proxy_async_smem();  // this thread's generic-proxy writes -> visible to the bulk copies
       asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
       if (store_warp) {

@@ -27,7 +27,8 @@ struct SplitKSmem {
   static constexpr int kPartRow = Cfg::kChannels + 4;      // int32s per staged token row: +4 = no bank conflicts
   static constexpr int kPart = Cfg::kBN * kPartRow * 4;    // bytes of the partial-sum tile
   static constexpr int kBars = Base::kPipe > kPart ? Base::kPipe : kPart;  // pipeline or partial tile, then barriers
-  static constexpr int kTotal = kBars + 16 * Cfg::kStages + 1024;
+  static constexpr int kEpi = kBars + 16 * Cfg::kStages;                    // then the epilogue's factors
+  static constexpr int kTotal = kEpi + EpiFactors<Cfg>::kBytes + 1024;
   static_assert(Cfg::kBN % kSplit == 0, "each rank reduces a whole number of token rows");
 };
 
@@ -49,7 +50,9 @@ __device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
 }
 __device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t addr) {
   int2 v;
-  asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  // volatile keeps it after the cluster barrier (also volatile asm); no "memory" clobber, so that the compiler may
+  // issue the next rows' remote loads before this row's global stores.
+  asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
   return v;
 }
 
@@ -96,6 +99,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // ------------------------------------------------------------------ consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Cfg::kConsumerRegs));
     const int ctid = tid - 128, cwg = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
+    // The epilogue's factors, loaded while the first stages are in flight; published by the barrier after the loop.
+    using E = EpiFactors<Cfg>;
+    const float* const ep = reinterpret_cast<const float*>(smem_raw + (base - raw) + L::kEpi);
+    load_epilogue_factors<MODE, Cfg, 128 * Cfg::kWGs>(p, const_cast<float*>(ep), m0, n0, ctid);
     int acc[2][Cfg::kAccPerBlock];
     for (int kt = kt_begin, s = 0; kt < kt_end; ++kt, ++s) {
       const int slot = s % Cfg::kStages;
@@ -103,7 +110,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       consume_stage<MODE, Cfg>(base + slot * S::kStage, cwg, warp, lane, s == 0, acc);
       if ((tid & 127) == 0) mbar_arrive(empty_bar + 8 * slot);
     }
-    // Both consumers are done with every stage: the pipeline buffers take the int32 partial tile.
+    // Both consumers are done with every stage (the pipeline buffers take the int32 partial tile) and have staged
+    // the factors.
     asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
     {
       const int g = lane >> 2, t = lane & 3;
@@ -118,35 +126,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     __syncwarp();  // the barrier is .aligned: every lane of the warp executes it together
     cluster_sync();
-    // Reduce and store this rank's token rows: 2 channels per thread and step, a row = kChannels / 2 threads.
+    // Reduce and store this rank's token rows: 2 channels per thread and step, a row = kChannels / 2 threads.  The
+    // factors come from this CTA's shared memory; unrolled so that several steps' remote loads are in flight.
     constexpr int kRows = Cfg::kBN / kSplit, kPairs = Cfg::kChannels / 2;
     OutT* const out = static_cast<OutT*>(p.out);
     const uint32_t part_addr = base;
+#pragma unroll 4
     for (int idx = ctid; idx < kRows * kPairs; idx += 128 * Cfg::kWGs) {
       const int tok = static_cast<int>(rank) * kRows + idx / kPairs, ch = 2 * (idx % kPairs);
       const int gm = m0 + tok, col = n0 + ch;
-      if (gm >= p.M || col >= p.N) continue;  // N % 32 == 0: a pair is inside N or outside it
-      const uint32_t off = part_addr + 4u * static_cast<uint32_t>(tok * L::kPartRow + ch);
-      int s0 = 0, s1 = 0;
+      if (gm < p.M && col < p.N) {  // N % 32 == 0: a pair is inside N or outside it
+        const uint32_t off = part_addr + 4u * static_cast<uint32_t>(tok * L::kPartRow + ch);
+        int s0 = 0, s1 = 0;
 #pragma unroll
-      for (int r = 0; r < kSplit; ++r) {
-        const int2 v = ld_cluster_s32x2(map_to_rank(off, static_cast<uint32_t>(r)));
-        s0 += v.x;
-        s1 += v.y;
-      }
-      const float sx = p.sx[gm];
-      const float xs = MODE == Mode::kPerChannel ? p.xsum[gm] : 0.f;
-      float o[2];
+        for (int r = 0; r < kSplit; ++r) {
+          const int2 v = ld_cluster_s32x2(map_to_rank(off, static_cast<uint32_t>(r)));
+          s0 += v.x;
+          s1 += v.y;
+        }
+        const float sx = ep[E::kSx + tok], xs = ep[E::kXs + tok];
+        float o[2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float cs = __half2float(static_cast<const half*>(p.col_scale)[col + e]);
-        float v = __fmul_rn(__fmul_rn(__int2float_rn(e ? s1 : s0), sx), cs);
-        if constexpr (MODE == Mode::kPerChannel)
-          v = __fsub_rn(v, __fmul_rn(xs, __half2float(static_cast<const half*>(p.szeros)[col + e])));
-        if (p.bias_kind) v = __fadd_rn(v, load_bias(p.bias, p.bias_kind, col + e));
-        o[e] = v;
+        for (int e = 0; e < 2; ++e) {
+          float v = __fmul_rn(__fmul_rn(__int2float_rn(e ? s1 : s0), sx), ep[E::kCs + ch + e]);
+          if constexpr (MODE == Mode::kPerChannel) v = __fsub_rn(v, __fmul_rn(xs, ep[E::kCz + ch + e]));
+          if (p.bias_kind) v = __fadd_rn(v, ep[E::kCb + ch + e]);
+          o[e] = v;
+        }
+        *reinterpret_cast<typename Pair<OutT>::type*>(out + (int64_t)gm * p.N + col) = Pair<OutT>::make(o[0], o[1]);
       }
-      *reinterpret_cast<typename Pair<OutT>::type*>(out + (int64_t)gm * p.N + col) = Pair<OutT>::make(o[0], o[1]);
     }
     __syncwarp();  // lanes that skipped rows past M / N rejoin before the .aligned barrier
     cluster_sync();  // the other ranks have finished reading this CTA's partial tile

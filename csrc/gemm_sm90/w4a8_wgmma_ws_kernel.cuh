@@ -138,6 +138,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // ------------------------------------------------------------------ consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Cfg::kConsumerRegs));
     const int ctid = tid - 128, cwg = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
+    // The epilogue's factors, loaded while the first stages are in flight; published by the barrier below.
+    float* const ep = reinterpret_cast<float*>(base_ptr + L::kEpi);
+    load_epilogue_factors<MODE, Cfg, 128 * Cfg::kWGs>(p, ep, m0, n0, ctid);
     int acc[2][Cfg::kAccPerBlock];  // first k32 step overwrites (scale-d = false)
     for (int kt = 0; kt < ktiles; ++kt) {
       const int slot = kt % Cfg::kStages;
@@ -147,9 +150,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if ((tid & 127) == 0) mbar_arrive(empty_bar + 8 * slot);
     }
     // Both consumers are done reading every stage (all copies completed: each was waited on), so the pipeline
-    // buffers can hold the output tile.  Named barrier 1 = the 256 consumer threads only.
+    // buffers can hold the output tile; the factors are staged.  Named barrier 1 = the 256 consumer threads only.
     asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
-    epilogue_to_smem<MODE, Cfg, OutT>(p, acc, base_ptr, m0, n0, cwg, warp, lane);
+    epilogue_to_smem<MODE, Cfg, OutT>(p, acc, ep, base_ptr, cwg, warp, lane);
     asm volatile("bar.sync 1, %0;\n" ::"n"(128 * Cfg::kWGs) : "memory");
     store_tile<Cfg, OutT>(p, base_ptr, m0, n0, ctid, 128 * Cfg::kWGs);
   }
