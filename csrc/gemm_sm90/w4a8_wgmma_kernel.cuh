@@ -127,7 +127,7 @@ struct Smem {
   static constexpr int kOutRow = Cfg::kChannels * 2 + 16;          // bytes per staged output row (padded)
   static constexpr int kOut = Cfg::kBN * kOutRow;
   static constexpr int kPipeAndOut = kPipe > kOut ? kPipe : kOut;
-  // + mbarriers (v2: full/empty per stage, then the epilogue factors' barrier), the epilogue factors, and slack to
+  // + mbarriers (v2: full/empty per stage, then 8 unused bytes), the epilogue factors, and slack to
   // align the base to 1024
   static constexpr int kEpi = kPipeAndOut + 16 * Cfg::kStages + 8;
   static constexpr int kTotal = kEpi + EpiFactors<Cfg>::kBytes + 1024;
@@ -270,8 +270,10 @@ __device__ __forceinline__ void mma(int (&acc)[Cfg::kAccPerBlock], const uint32_
 //
 // Cfg::kStepPipelined (v2 / v3 / split-K): step ks+1 is converted while step ks's wgmmas run.  Each step has its
 // own fragment registers (a[4][2][4], fully unrolled, so distinct PTX registers never rewritten before the wait),
-// and a wgmma.fence orders each step's conversion before the wgmmas that read it; the registers stay live to the
-// wait (the empty asm after it), so ptxas cannot hand them to later code while a wgmma may still read them.
+// and a wgmma.fence orders each step's conversion (pinned before it by an empty volatile asm) before the wgmmas that
+// read it.  That the registers are not reused while a wgmma may still read them rests on ptxas, which tracks
+// register-A operands of wgmma up to the wait_group (it serializes the wgmmas, warning C75xx, where it cannot);
+// the empty asm after the wait only keeps the PTX itself from reusing them earlier.
 // Otherwise (v1): all 4 steps are converted, then the 8 wgmmas issued.
 //
 // Why no wgmma is left in flight across stages: wgmma reads its register operands asynchronously, until the wait
@@ -289,8 +291,17 @@ __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, 
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) v[ks] = lds128(wtile + ks * 512);
   uint32_t a[4][2][4];
+  // Pins a step's fragments before the wgmma.fence: the empty volatile asm keeps the conversion's register writes
+  // from sinking below the fence (CUTLASS's warpgroup_fence_operand pattern).
+  auto pin = [](uint32_t(&f)[2][4]) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(f[b][r])::"memory");
+  };
   if constexpr (Cfg::kStepPipelined) {
     convert_step<MODE>(v[0], gb, a[0][0], a[0][1]);
+    pin(a[0]);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
@@ -299,6 +310,7 @@ __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, 
       for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[ks][b], desc, !first || ks > 0);
       if (ks < 3) {
         convert_step<MODE>(v[ks + 1], gb, a[ks + 1][0], a[ks + 1][1]);
+        pin(a[ks + 1]);
         wgmma_fence();
       }
     }
@@ -321,11 +333,7 @@ __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, 
     for (int i = 0; i < Cfg::kAccPerBlock; ++i) reg_fence(acc[b][i]);
   if constexpr (Cfg::kStepPipelined) {
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-      for (int b = 0; b < 2; ++b)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[ks][b][r])::"memory");
+    for (int ks = 0; ks < 4; ++ks) pin(a[ks]);
   }
 }
 
