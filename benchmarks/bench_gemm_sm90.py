@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--json", default=os.path.join(out_dir, "bench_gemm_sm90.json"))
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
-    forced = args.forced.split(",") if args.forced else []
+    forced = list(dict.fromkeys(args.forced.split(","))) if args.forced else []  # each kernel once
     bad = [f for f in forced if f not in ("v1", "v2", "v2-serial", "v3", "split2", "split4")]
     if bad:
         ap.error(f"--forced: unknown kernel(s) {bad}; choose from v1, v2, v2-serial, v3, split2, split4")

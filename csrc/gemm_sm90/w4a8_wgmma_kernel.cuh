@@ -299,30 +299,23 @@ __device__ __forceinline__ void consume_stage(uint32_t stage, int wg, int warp, 
 #pragma unroll
       for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(f[b][r])::"memory");
   };
-  if constexpr (Cfg::kStepPipelined) {
-    convert_step<MODE>(v[0], gb, a[0][0], a[0][1]);
-    pin(a[0]);
-    wgmma_fence();
+  // Steps converted before the first wgmma: all 4 (v1), or only step 0, the rest under the previous step's wgmmas.
+  constexpr int kUpFront = Cfg::kStepPipelined ? 1 : 4;
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
+  for (int ks = 0; ks < kUpFront; ++ks) {
+    convert_step<MODE>(v[ks], gb, a[ks][0], a[ks][1]);
+    if constexpr (Cfg::kStepPipelined) pin(a[ks]);  // v1: no pins (its measured code; nothing runs under a wgmma)
+  }
+  wgmma_fence();
 #pragma unroll
-      for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[ks][b], desc, !first || ks > 0);
-      if (ks < 3) {
-        convert_step<MODE>(v[ks + 1], gb, a[ks + 1][0], a[ks + 1][1]);
-        pin(a[ks + 1]);
-        wgmma_fence();
-      }
-    }
-  } else {
+  for (int ks = 0; ks < 4; ++ks) {
+    const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) convert_step<MODE>(v[ks], gb, a[ks][0], a[ks][1]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      const uint64_t desc = make_desc_sw128_kmajor(stage + ks * 32);
-#pragma unroll
-      for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[ks][b], desc, !first || ks > 0);
+    for (int b = 0; b < 2; ++b) mma<Cfg>(acc[b], a[ks][b], desc, !first || ks > 0);
+    if (ks + 1 >= kUpFront && ks + 1 < 4) {
+      convert_step<MODE>(v[ks + 1], gb, a[ks + 1][0], a[ks + 1][1]);
+      pin(a[ks + 1]);
+      wgmma_fence();
     }
   }
   wgmma_commit();

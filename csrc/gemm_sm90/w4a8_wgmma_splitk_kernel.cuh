@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int ctid = tid - 128, cwg = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
     // The epilogue's factors, loaded while the first stages are in flight; published by the barrier after the loop.
     using E = EpiFactors<Cfg>;
-    const float* const ep = reinterpret_cast<const float*>(smem_raw + (base - raw) + L::kEpi);
-    load_epilogue_factors<MODE, Cfg, 128 * Cfg::kWGs>(p, const_cast<float*>(ep), m0, n0, ctid);
+    float* const ep = reinterpret_cast<float*>(smem_raw + (base - raw) + L::kEpi);
+    load_epilogue_factors<MODE, Cfg, 128 * Cfg::kWGs>(p, ep, m0, n0, ctid);
     int acc[2][Cfg::kAccPerBlock];
     for (int kt = kt_begin, s = 0; kt < kt_end; ++kt, ++s) {
       const int slot = s % Cfg::kStages;
