@@ -143,7 +143,10 @@ def main():
     ap.add_argument("--m", default="1,16,256,4096")
     ap.add_argument("--k", default="4096,14336")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--no-sum", action="store_true", help="with_sum=False (group-128 / W8A8 layers)")
+    ap.add_argument("--no-sum", action="store_true", help="sum_mode 0 (group-128 / W8A8 layers)")
+    ap.add_argument("--sum-mode", type=int, default=None, choices=(0, 1, 2),
+                    help="0 no sum, 1 sum of the input (QServe's, the default), 2 sum of the quantized input "
+                         "(activation_sum 'quantized'); --no-sum = 0")
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -156,9 +159,9 @@ def main():
     ms = [int(v) for v in args.m.split(",")]
     ks = [int(v) for v in args.k.split(",")]
     dtype = getattr(torch, args.dtype)
-    with_sum = not args.no_sum
+    with_sum = 0 if args.no_sum else (1 if args.sum_mode is None else args.sum_mode)  # the ops' sum_mode
     torch.manual_seed(0)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  {args.dtype}  with_sum={with_sum}")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  {args.dtype}  sum_mode={with_sum}")
     results = []
     ops = [o for o in args.ops.split(",") if o]
     unknown = sorted(set(ops) - set(OPS))
@@ -189,12 +192,12 @@ def main():
               f"{r['unfused_vllm_c'] or float('nan'):>12.2f}{r['unfused_inductor'] or float('nan'):>14.2f}"
               f"{base / f:>8.2f}x")
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "bench_fused_quant.json")
+    path = os.path.join(args.out_dir, "bench_fused_quant.json" if with_sum == 1 else f"bench_fused_quant_sum{with_sum}.json")
     with open(path, "w") as fh:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, fh,
                   indent=1)
     print(f"wrote {path}")
-    plot(results, os.path.join(args.out_dir, "bench_fused_quant.png"), ks)
+    plot(results, os.path.splitext(path)[0] + ".png", ks)
 
 
 if __name__ == "__main__":

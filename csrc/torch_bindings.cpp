@@ -8,7 +8,7 @@
 #include <tuple>
 
 namespace qserve {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, bool with_sum);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t sum_mode);
 at::Tensor w4a8_gemm_per_channel(const at::Tensor& xq, const at::Tensor& sx, const at::Tensor& xsum,
                                  const at::Tensor& qweight, const at::Tensor& s1_scales,
                                  const at::Tensor& s1_szeros, const std::optional<at::Tensor>& bias,
@@ -23,8 +23,9 @@ at::Tensor w8a8_gemm(const at::Tensor& xq, const at::Tensor& sx, const at::Tenso
 }  // namespace qserve
 
 TORCH_LIBRARY(qserve, m) {
-  // x [..., K] fp16/bf16/fp32 -> (xq int8 [..., K], scale fp32 [...], xsum fp32 [...] or [0])
-  m.def("quantize_per_token(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)");
+  // x [..., K] fp16/bf16/fp32 -> (xq int8 [..., K], scale fp32 [...], xsum fp32 [...] or [0]); sum_mode 0 = no
+  // xsum, 1 = sum(x) (QServe's), 2 = float(sum(xq)) * scale (csrc/quant/sum_mode.h).  A Python bool is 0 / 1.
+  m.def("quantize_per_token(Tensor x, int sum_mode) -> (Tensor, Tensor, Tensor)");
   // int8 tensor-core GEMMs (csrc/gemm/).  xq int8 [M, K], sx / xsum fp32 [M], per-channel fp16 scales [N],
   // bias fp16/bf16/fp32 [N] or None; out [M, N] in out_dtype (float16 or bfloat16).
   //   per-channel: out = acc*sx*s1 - s1_szeros*xsum (+bias); qweight = QServe-packed int8 [N, K/2]; K % 64 == 0

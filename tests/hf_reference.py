@@ -48,9 +48,14 @@ def dequantized_weight(tensors, prefix):
 
 
 class SimQuantLinear(torch.nn.Module):
-    def __init__(self, w, szeros, bias):
+    """activation_sum (per-channel): "input" subtracts s1_szeros * sum(x) (QServe's), "quantized" s1_szeros *
+    sum(xq * sx) (docs/format.md section 5)."""
+
+    def __init__(self, w, szeros, bias, activation_sum="input"):
         super().__init__()
         self.w, self.szeros, self.b = w, szeros, bias
+        assert activation_sum in ("input", "quantized"), activation_sum
+        self.activation_sum = activation_sum
 
     def forward(self, x):
         # The activation-quantization contract is defined in fp32 (docs/format.md): same ops, same rounding.
@@ -62,7 +67,8 @@ class SimQuantLinear(torch.nn.Module):
         x64 = x32.double()
         y = (xq * sx) @ self.w.t()
         if self.szeros is not None:
-            y = y - x64.sum(-1, keepdim=True) * self.szeros
+            xsum = (xq * sx).sum(-1, keepdim=True) if self.activation_sum == "quantized" else x64.sum(-1, keepdim=True)
+            y = y - xsum * self.szeros
         if self.b is not None:
             y = y + self.b.double()
         return y.to(x.dtype)
@@ -103,7 +109,7 @@ def _register_kv_sim(bits, model_cls=None):
     return name
 
 
-def build_reference_model(config, fp_state, qserve_tensors, kv_bits=16):
+def build_reference_model(config, fp_state, qserve_tensors, kv_bits=16, activation_sum="input"):
     """transformers' model for the config (LlamaForCausalLM, Gemma3ForCausalLM, ...) in fp32 with non-linear
     weights from the checkpoint and simulated W4A8 linears (and, for kv_bits 4 or 8, simulated KV-cache
     quantization)."""
@@ -125,5 +131,5 @@ def build_reference_model(config, fp_state, qserve_tensors, kv_bits=16):
                 part = "self_attn" if parent is layer.self_attn else "mlp"
                 w, sz = dequantized_weight(qserve_tensors, f"model.layers.{i}.{part}.{name}")
                 old = getattr(parent, name)
-                setattr(parent, name, SimQuantLinear(w, sz, old.bias))
+                setattr(parent, name, SimQuantLinear(w, sz, old.bias, activation_sum))
     return model

@@ -234,6 +234,15 @@ def test_kernel_classification_and_busy_time():
     assert s["kernel_ms_per_step"] == 0.155 and s["gpu_busy_ms_per_step"] == 0.13  # (150 + 10 + 100) / 2 us
     assert s["top_kernels"][0] == {"name": "void qgemm_kernel<0>", "category": "gemm-qserve", "ms_per_step": 0.1,
                                    "launches_per_step": 1.0}
+    # the host side: runtime calls and CPU ops per step, biggest first; kernels are not host work
+    from vllm_qserve.benchmark.kernel_classes import summarize_host
+
+    events += [ev("cudaGraphLaunch", 0, 40, "cuda_runtime"), ev("cudaGraphLaunch", 500, 60, "cuda_runtime"),
+               ev("cudaLaunchKernel", 10, 6, "cuda_runtime"), ev("my_step", 0, 2000, "user_annotation")]
+    h = summarize_host(events, steps=2)
+    assert h["runtime_calls"] == [{"name": "cudaGraphLaunch", "calls_per_step": 1.0, "ms_per_step": 0.05},
+                                  {"name": "cudaLaunchKernel", "calls_per_step": 0.5, "ms_per_step": 0.003}]
+    assert [o["name"] for o in h["cpu_ops"]] == ["my_step", "aten::mm"] and h["cpu_ops"][1]["ms_per_step"] == 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

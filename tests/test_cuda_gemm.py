@@ -227,8 +227,9 @@ def test_empty_m():
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 129), (17, 4095), (2, 3, 4096), (9, 14336), (300, 1536)])
-@pytest.mark.parametrize("with_sum", [False, True])
+@pytest.mark.parametrize("with_sum", [False, True, 2])
 def test_quantize_per_token(dtype, shape, with_sum):
+    """with_sum: False / True (QServe's sum of x) / 2 (the sum of the quantized x, bit-exact)."""
     x = torch.randn(shape, device=DEV) * torch.rand(shape[:-1] + (1,), device=DEV) * 8
     x = x.to(dtype)
     if x.numel() > 4:
@@ -240,7 +241,10 @@ def test_quantize_per_token(dtype, shape, with_sum):
     assert xq.dtype == torch.int8 and scale.dtype == torch.float32
     assert torch.equal(xq, rq), f"xq differs in {int((xq != rq).sum())} places"
     assert torch.equal(scale, rs), "scale not bit-exact"
-    if with_sum:
+    if with_sum is 2:  # noqa: F632  (2 and True are both truthy; this one is exact)
+        assert torch.equal(xsum, rsum), "quantized-sum xsum not bit-exact"
+        assert torch.equal(xsum, xq.sum(-1, dtype=torch.int64).float() * scale)
+    elif with_sum:
         assert xsum.shape == rsum.shape and xsum.dtype == torch.float32
         # Different summation order: within fp32 rounding of sum |x|.
         tol = x.float().abs().sum(-1) * (x.shape[-1] * 2.0**-24) + 1e-30

@@ -178,7 +178,7 @@ def test_cli_convert_writes_a_loadable_checkpoint(tmp_path, group_size):
 
     t = load_file(str(out / "model.safetensors"))
     x = torch.randn(5, 384)
-    xq, sx, xsum = quantize_per_token(x, with_sum=True)
+    xq, sx, xsum = quantize_per_token(x, 1)
     p = "model.layers.1.mlp.down_proj"
     if group_size == -1:
         y = w4a8_per_channel(xq, sx, xsum, t[f"{p}.qweight"], t[f"{p}.s1_scales"], t[f"{p}.s1_szeros"],

@@ -74,8 +74,11 @@ def _codes(y: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     return torch.round(y.float() * inv[..., None]).clamp(-127, 127)
 
 
-def check_against_reference(kind: str, inputs: dict, out: tuple, with_sum: bool) -> dict:
-    """Asserts the rules of the module docstring for one call; returns the counts."""
+def check_against_reference(kind: str, inputs: dict, out: tuple, sum_mode: int) -> dict:
+    """Asserts the rules of the module docstring for one call; returns the counts.  sum_mode 1 (QServe's sum of
+    the operand): within the fp32 reduction tolerance of the reference's; sum_mode 2 (the sum of the quantized
+    operand): exactly float(sum(xq)) * scale of the kernel's own codes and scale (an integer sum, one product)."""
+    with_sum = sum_mode == 1
     x = inputs["x"]
     dtype = x.dtype
     xq, scale, xsum = out[0], out[1], out[2]
@@ -95,11 +98,16 @@ def check_against_reference(kind: str, inputs: dict, out: tuple, with_sum: bool)
         assert torch.equal(y, ref.rms_norm(src, inputs["weight"], EPS))  # the same operations as the reference
         lo, hi = neighbours(n)
         cands = torch.stack([lo * w, y, hi * w], -1)
-    rq, rscale, rsum = ref.quantize_per_token(y, with_sum=True)
+    rq, rscale, rsum = ref.quantize_per_token(y, 1)
     m = y.shape[0]
     assert xq.dtype == torch.int8 and xq.shape == y.shape
     assert (xq != -128).all(), "an int8 output was not written (poison -128 left)"
     assert not torch.isnan(scale).any() and not torch.isnan(xsum).any(), "a float output was not written (NaN)"
+    if sum_mode == 2:
+        assert xsum.shape == (m,)
+        own = xq.sum(-1, dtype=torch.int64).float() * scale
+        assert torch.equal(xsum, own), f"quantized-sum xsum is not float(sum(xq)) * scale: max diff " \
+                                       f"{float((xsum - own).abs().max())}"
 
     if dtype == torch.float32:
         # No rounding to a 16-bit dtype hides the fp32 reduction order here: rsqrt of a differently summed mean
@@ -146,7 +154,7 @@ def check_against_reference(kind: str, inputs: dict, out: tuple, with_sum: bool)
         tol = SUM_RTOL * y.float().abs().sum(-1) + 2 * torch.finfo(dtype).eps * y.float().abs().amax(-1)
         err = (xsum - rsum).abs()
         assert (err <= tol).all(), f"xsum off by {float((err - tol).max())} beyond the tolerance"
-    else:
+    elif sum_mode == 0:
         assert xsum.numel() == 0
     return {"elements": y.numel(), "flips": n_flips, "rows": m, "scale_moved": int(moved.sum())}
 
@@ -191,16 +199,16 @@ def make_inputs(kind: str, m: int, k: int, dtype: torch.dtype, device: str, seed
     return inputs
 
 
-def call(kind: str, inputs: dict, with_sum: bool):
+def call(kind: str, inputs: dict, sum_mode: int):
     op = getattr(torch.ops.qserve, kind)
     if kind == "rms_norm_quant":
-        return op(inputs["x"], inputs["weight"], EPS, with_sum)
+        return op(inputs["x"], inputs["weight"], EPS, sum_mode)
     if kind == "add_rms_norm_quant":
-        return op(inputs["x"], inputs["residual"], inputs["weight"], EPS, with_sum)
-    return op(inputs["x"], with_sum)
+        return op(inputs["x"], inputs["residual"], inputs["weight"], EPS, sum_mode)
+    return op(inputs["x"], sum_mode)
 
 
-def call_poisoned(kind: str, inputs: dict, with_sum: bool):
+def call_poisoned(kind: str, inputs: dict, sum_mode: int):
     """Fills blocks of the output sizes with poison and frees them right before the call, so the caching
     allocator hands them to the op; returns (outputs, whether the int8 output got a poisoned block)."""
     x = inputs["x"]
@@ -210,13 +218,13 @@ def call_poisoned(kind: str, inputs: dict, with_sum: bool):
     torch.cuda.empty_cache()
     poison = [torch.full((m, k), -128, dtype=torch.int8, device=x.device),
               torch.full((m,), float("nan"), device=x.device)]
-    if with_sum:
+    if sum_mode:
         poison.append(torch.full((m,), float("nan"), device=x.device))
     if kind == "add_rms_norm_quant":
         poison.append(torch.full((m, k), float("nan"), dtype=x.dtype, device=x.device))
     ptr = poison[0].data_ptr()
     del poison
-    out = call(kind, inputs, with_sum)
+    out = call(kind, inputs, sum_mode)
     return out, out[0].data_ptr() == ptr
 
 
@@ -263,6 +271,14 @@ def test_checker_accepts_reference_and_catches_errors(kind):
     for i, f in corruptions:
         with pytest.raises(AssertionError):
             check_against_reference(kind, inputs, broken(i, f), True)
+    # the quantized sum: the reference's own passes exactly, one ulp off fails
+    args = [inputs[n] for n in ("x", "residual", "weight") if n in inputs] + ([EPS] if "weight" in inputs else [])
+    good2 = list(getattr(ref, kind)(*args, 2))
+    assert torch.equal(good2[2], good2[0].sum(-1, dtype=torch.int64).float() * good2[1])
+    check_against_reference(kind, inputs, tuple(good2), 2)
+    good2[2] = torch.nextafter(good2[2], torch.full_like(good2[2], float("inf")))
+    with pytest.raises(AssertionError, match="quantized-sum"):
+        check_against_reference(kind, inputs, tuple(good2), 2)
 
 
 def test_neighbours():
@@ -301,16 +317,16 @@ def stats_report():
 
 @gpu
 @pytest.mark.parametrize("k", HIDDEN)
-@pytest.mark.parametrize("with_sum", [True, False])
+@pytest.mark.parametrize("sum_mode", [1, 2, 0])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", OPS)
-def test_fused_kernel_matches_reference(stats_report, kind, dtype, with_sum, k):
+def test_fused_kernel_matches_reference(stats_report, kind, dtype, sum_mode, k):
     for m in ALL_M:
         seed = SEED + 7919 * m + k
         inputs = make_inputs(kind, m, k, dtype, "cuda", seed=seed)
-        out, poisoned = call_poisoned(kind, inputs, with_sum)
+        out, poisoned = call_poisoned(kind, inputs, sum_mode)
         try:
-            counts = check_against_reference(kind, inputs, out, with_sum)
+            counts = check_against_reference(kind, inputs, out, sum_mode)
         except AssertionError as e:
             raise AssertionError(f"M={m} K={k} (QSERVE_TEST_SEED={SEED}, input seed {seed}): {e}") from None
         s = stats_report[(kind, dtype)]
@@ -409,6 +425,9 @@ def test_bad_arguments_raise_clear_errors(monkeypatch, kind):
         for eps in (0.0, -1.0, float("nan")):
             with pytest.raises(RuntimeError, match="eps must be a positive finite number"):
                 op(*args, eps, True)
+    for mode in (3, -1):
+        with pytest.raises(RuntimeError, match="sum_mode must be 0 .no sum., 1 .sum of the input. or 2"):
+            call(kind, good, mode)
 
 
 @gpu

@@ -10,13 +10,14 @@ post-grad graph runs as FX code, which keeps a test under ten seconds on two cor
 On CPU the qserve ops get CPU implementations here: the quantizer is the reference, and each fused op is the
 composition of the very ops it replaces (vLLM's rms_norm / fused_add_rms_norm / SiLU-and-mul, then the
 quantizer).  So the compiled, fused graph must equal the eager, unfused model bit for bit: that checks the
-wiring of every replacement (inputs, eps, with_sum, which output is the scale, the sum, the new residual).  The
+wiring of every replacement (inputs, eps, sum_mode, which output is the scale, the sum, the new residual).  The
 kernels' own numerics against the reference are tested on the GPU (tests/test_fused_quant_kernels.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -32,11 +33,11 @@ CONFIG_EPS = 3e-6  # not one of the default epsilons: the pass must take the mod
 # Schemas of csrc/torch_bindings.cpp and csrc/quant/fused_quant_ops.cpp, defined here only when the CUDA
 # extension is not built (a CI machine without nvcc).
 _SCHEMAS = {
-    "quantize_per_token": "quantize_per_token(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)",
-    "rms_norm_quant": "rms_norm_quant(Tensor x, Tensor weight, float eps, bool with_sum) -> (Tensor, Tensor, Tensor)",
-    "add_rms_norm_quant": "add_rms_norm_quant(Tensor x, Tensor residual, Tensor weight, float eps, bool with_sum) "
+    "quantize_per_token": "quantize_per_token(Tensor x, int sum_mode) -> (Tensor, Tensor, Tensor)",
+    "rms_norm_quant": "rms_norm_quant(Tensor x, Tensor weight, float eps, int sum_mode) -> (Tensor, Tensor, Tensor)",
+    "add_rms_norm_quant": "add_rms_norm_quant(Tensor x, Tensor residual, Tensor weight, float eps, int sum_mode) "
                           "-> (Tensor, Tensor, Tensor, Tensor)",
-    "silu_mul_quant": "silu_mul_quant(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)",
+    "silu_mul_quant": "silu_mul_quant(Tensor x, int sum_mode) -> (Tensor, Tensor, Tensor)",
 }
 _SILU_FORM = {"custom_op": False}  # which SiLU-and-mul the unfused model ran (the CPU fused op runs the same)
 
@@ -261,10 +262,12 @@ needs_cpu_silu_op = pytest.mark.skipif(not _silu_custom_op_on_cpu(), reason="vLL
 
 
 @pytest.mark.parametrize("dtype,with_sum,silu_custom_op", [
-    (torch.float32, True, False),   # per-channel W4A8 (uses the sum), native SiLU-and-mul (vLLM's default)
-    (torch.float16, False, False),  # g128 / W8A8 (no sum)
-    pytest.param(torch.bfloat16, False, True, marks=needs_cpu_silu_op),  # SiLU-and-mul as vLLM's _C custom op
-    pytest.param(torch.float16, True, True, marks=needs_cpu_silu_op),
+    (torch.float32, 1, False),   # per-channel W4A8 (QServe's sum of x), native SiLU-and-mul (vLLM's default)
+    (torch.float32, 2, False),   # per-channel W4A8, the sum of the quantized x (activation_sum "quantized")
+    (torch.float16, 0, False),   # g128 / W8A8 (no sum)
+    pytest.param(torch.bfloat16, 0, True, marks=needs_cpu_silu_op),  # SiLU-and-mul as vLLM's _C custom op
+    pytest.param(torch.float16, 1, True, marks=needs_cpu_silu_op),
+    pytest.param(torch.bfloat16, 2, True, marks=needs_cpu_silu_op),
 ])
 def test_pass_fuses_every_norm_and_activation(vllm_config, as_qserve_on_cuda, dtype, with_sum, silu_custom_op):
     from vllm.config import set_current_vllm_config
@@ -294,7 +297,11 @@ def test_pass_fuses_every_norm_and_activation(vllm_config, as_qserve_on_cuda, dt
     assert code.count("qserve.rms_norm_quant.default(") == 1
     assert code.count("qserve.add_rms_norm_quant.default(") == 2 * LAYERS - 1
     assert code.count("qserve.silu_mul_quant.default(") == LAYERS
-    assert f"{CONFIG_EPS}, {with_sum})" in code  # the model's eps and the layer's with_sum reached the fused ops
+    assert f"{CONFIG_EPS}, {with_sum})" in code  # the model's eps and the layer's sum_mode reached the fused ops
+    # every fused op and o_proj's quantizer got this layer's mode (1 and 2 differ only by that literal)
+    modes = re.findall(r"qserve\.(?:rms_norm_quant|add_rms_norm_quant|silu_mul_quant|quantize_per_token)\.default\("
+                       r"[^()]*, (\w+)\)", code)
+    assert modes == [str(with_sum)] * (4 * LAYERS), modes
     assert "vllm_ir" not in code  # lowered after our pass
     assert not torch.isnan(out).any()
     assert torch.equal(out, expect) and torch.equal(residual, expect_residual)
@@ -384,17 +391,19 @@ def test_uuid_is_stable_and_content_based(vllm_config, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.qserve, "w4a8_gemm_per_channel"), reason="vllm_qserve._C is not built")
-@pytest.mark.parametrize("weight_bits,group_size", [(4, -1), (4, 128), (8, 128)])
-def test_cuda_kernel_apply_starts_with_the_matched_quantizer(weight_bits, group_size):
+@pytest.mark.parametrize("weight_bits,group_size,activation_sum", [(4, -1, "input"), (4, -1, "quantized"),
+                                                                     (4, 128, "quantized"), (8, 128, "input")])
+def test_cuda_kernel_apply_starts_with_the_matched_quantizer(weight_bits, group_size, activation_sum):
     """The pass relies on kernels/cuda.py's apply() feeding its 2-D input straight into quantize_per_token (no
-    reshape in between) with with_sum exactly for per-channel W4A8.  Traced with fake tensors (no GPU)."""
+    reshape in between) with a sum exactly for per-channel W4A8, of the checkpoint's kind (sum_mode 1 = QServe's
+    sum of x, 2 = the sum of the quantized x).  Traced with fake tensors (no GPU)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from vllm_qserve.kernels.base import LinearSpec
     from vllm_qserve.kernels.cuda import CudaW4A8Kernel
 
     n, k = 64, 256
-    spec = LinearSpec(weight_bits, group_size, n, k, torch.float16, "cuda")
+    spec = LinearSpec(weight_bits, group_size, n, k, torch.float16, "cuda", activation_sum)
     layer = nn.Module()
     if weight_bits == 8:
         layer.weight, layer.dequant_scale = torch.zeros(n, k, dtype=torch.int8), torch.ones(n).half()
@@ -416,4 +425,5 @@ def test_cuda_kernel_apply_starts_with_the_matched_quantizer(weight_bits, group_
     quant = [nd for nd in gm.graph.nodes if nd.target == torch.ops.qserve.quantize_per_token.default]
     assert len(quant) == 1
     assert quant[0].args[0].op == "placeholder"
-    assert quant[0].args[1] is (weight_bits == 4 and group_size == -1)
+    per_channel = weight_bits == 4 and group_size == -1
+    assert quant[0].args[1] == (0 if not per_channel else 1 if activation_sum == "input" else 2)

@@ -47,13 +47,15 @@ def per_range(log: list[dict]) -> dict[str, dict]:
 _RUNS: dict = {}
 
 
-def run(tmp_path_factory, fixture_ckpt, group_size: int, env: dict, enforce_eager: bool = False) -> dict:
+def run(tmp_path_factory, fixture_ckpt, group_size: int, env: dict, enforce_eager: bool = False,
+        activation_sum: str | None = None) -> dict:
     """One vLLM engine run (memoized: the comparison test reuses the V2 per-channel run of the count test)."""
     from tests.test_vllm_cpu_e2e import prompts, run_vllm
 
-    key = (group_size, tuple(sorted(env.items())), enforce_eager)
+    key = (group_size, tuple(sorted(env.items())), enforce_eager, activation_sum)
     if key not in _RUNS:
-        ckpt = fixture_ckpt(group_size=group_size)
+        ckpt = fixture_ckpt(group_size=group_size) if activation_sum is None else \
+            fixture_ckpt(group_size=group_size, activation_sum=activation_sum)
         ps = prompts(ckpt[2].vocab_size, seed=5)
         log = tmp_path_factory.mktemp("fusion") / "fusion.json"
         out = run_vllm(model=ckpt[0], prompts=ps, dtype="float16", enforce_eager=enforce_eager,
@@ -84,13 +86,17 @@ def check_close(a: list, b: list, tol: float = FP16_TOL, min_compared: int = 1) 
     return worst
 
 
-@pytest.mark.parametrize("v2,group_size", [(False, -1), (True, -1), (True, 128)],
-                         ids=["v1-runner-per-channel", "v2-runner-per-channel", "v2-runner-g128"])
-def test_fused_ops_run_in_compiled_cuda_graph_mode(fixture_ckpt, tmp_path_factory, v2, group_size):
-    """Per-channel W4A8 fuses with_sum=True (the GEMM takes the activation sum), group 128 with_sum=False."""
+@pytest.mark.parametrize("v2,group_size,activation_sum", [(False, -1, None), (True, -1, None), (True, 128, None),
+                                                          (True, -1, "quantized")],
+                         ids=["v1-runner-per-channel", "v2-runner-per-channel", "v2-runner-g128",
+                              "v2-runner-per-channel-quantized-sum"])
+def test_fused_ops_run_in_compiled_cuda_graph_mode(fixture_ckpt, tmp_path_factory, v2, group_size, activation_sum):
+    """Per-channel W4A8 fuses with sum_mode 1 (QServe's sum of x) or, for activation_sum "quantized", 2 (the sum
+    of the quantized x); group 128 with no sum.  The reference follows the checkpoint's activation_sum."""
     from tests.test_vllm_cpu_e2e import check_against_reference
 
-    out = run(tmp_path_factory, fixture_ckpt, group_size, {"VLLM_USE_V2_MODEL_RUNNER": "1" if v2 else "0"})
+    out = run(tmp_path_factory, fixture_ckpt, group_size, {"VLLM_USE_V2_MODEL_RUNNER": "1" if v2 else "0"},
+              activation_sum=activation_sum)
     ckpt, fusion = out["ckpt"], out["fusion"]
     assert fusion["runner"] is not None, "the probe found no model runner"
     is_v2 = ".worker.gpu." in fusion["runner"]  # V2: vllm/v1/worker/gpu/model_runner.py

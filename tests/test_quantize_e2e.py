@@ -103,8 +103,10 @@ def test_quantize_writes_valid_checkpoints_and_qoq_beats_rtn(workspace, group_si
     rtn = _quantize(workspace, f"rtn{group_size}", "--group-size", group_size, "--method", "rtn")
     for d, tied in ((qoq, False), (rtn, True)):
         cfg = json.load(open(os.path.join(d, "config.json")))
+        # per-channel: the activation sum the checkpoint was made for (--activation-sum, default quantized)
+        sums = {"activation_sum": "quantized"} if group_size == "-1" else {}
         assert cfg["quantization_config"] == {"quant_method": "qserve", "precision": "w4a8kv4", "weight_bits": 4,
-                                              "group_size": int(group_size), "kv_bits": 4}
+                                              "group_size": int(group_size), "kv_bits": 4, **sums}
         assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["tie_word_embeddings"] is tied
         info = inspect_checkpoint(d, Qwen2Config(**cfg))
         assert (info.weight_bits, info.group_size) == (4, int(group_size))
@@ -174,6 +176,29 @@ def test_eval_ppl_through_vllm_matches_direct_computation(workspace, tmp_path):
 
 
 @pytest.mark.slow
+def test_activation_sum_option_is_recorded_and_simulated(workspace):
+    """--activation-sum input (QServe's kernels' sum) is written to the config and the simulation's per-channel
+    linears follow each checkpoint's choice; a config without the key means QServe's sum; an unknown value is
+    refused by the config."""
+    from vllm_qserve.config import QServeConfig
+    from vllm_qserve.quantize.simulate import QServeSimLinear
+
+    a = _quantize(workspace, "rtn-1-input", "--group-size", "-1", "--method", "rtn", "--activation-sum", "input")
+    b = _quantize(workspace, "rtn-1", "--group-size", "-1", "--method", "rtn")
+    qa = json.load(open(os.path.join(a, "config.json")))["quantization_config"]
+    assert qa["activation_sum"] == "input"
+    assert QServeConfig.from_config(qa).activation_sum == "input"
+    from vllm_qserve.evaluate import load_sim_model
+
+    ma, _ = load_sim_model(a)
+    mb, _ = load_sim_model(b)
+    la = ma.layers[0].mlp.down_proj
+    assert isinstance(la, QServeSimLinear) and not la.xsum_of_quantized and mb.layers[0].mlp.down_proj.xsum_of_quantized
+    with pytest.raises(ValueError, match="activation_sum must be one of"):
+        QServeConfig.from_config({**qa, "activation_sum": "fp8"})
+    assert QServeConfig.from_config({k: v for k, v in qa.items() if k != "activation_sum"}).activation_sum == "input"
+
+
 def test_qoq_checkpoint_through_vllm_matches_simulation(workspace, tmp_path):
     """A QoQ W4A8KV4 checkpoint (rotated, untied lm_head, q/k/v bias) loads in vLLM with no flag -- KV4 cache
     included -- and its perplexity there equals the PyTorch simulation of QServe's numerics with a KV4 cache."""

@@ -17,7 +17,7 @@ def test_quantize_per_token(dtype):
     x = (torch.randn(7, 300) * 3).to(dtype)
     x[2] = 0  # an all-zero row gets scale 0 and codes 0, no NaN
     x[3, 5] = 1000
-    xq, s, xsum = ref.quantize_per_token(x, with_sum=True)
+    xq, s, xsum = ref.quantize_per_token(x, 1)
     assert xq.dtype == torch.int8 and s.dtype == torch.float32 and xsum.dtype == torch.float32
     xf = x.double()
     amax = xf.abs().amax(-1)
@@ -27,14 +27,44 @@ def test_quantize_per_token(dtype):
     assert ((xq.double() - xf * 127 / safe[:, None]).abs() <= 0.5 + 1e-4).all()
     assert torch.allclose(xsum.double(), xf.sum(-1), rtol=1e-5, atol=1e-3)
     assert not torch.isnan(s).any()
+    # the sum of the quantized activations (sum_mode 2): exactly sum(x_hat), x_hat = xq * scale
+    _, s2, xsum2 = ref.quantize_per_token(x, ref.SUM_OF_QUANTIZED)
+    assert torch.equal(s2, s)
+    x_hat = xq.double() * s.double()[:, None]
+    assert torch.allclose(xsum2.double(), x_hat.sum(-1), rtol=1e-6, atol=0)
+    assert (xsum2 - xsum).abs().max() > 0  # a different quantity: rounding errors do not cancel exactly
+    assert ref.quantize_per_token(x)[2] is None and ref.quantize_per_token(x, False)[2] is None
+    with pytest.raises(ValueError, match="sum_mode must be 0"):
+        ref.quantize_per_token(x, 3)
+
+
+def test_quantized_activation_sum_makes_the_per_channel_gemm_exactly_x_hat_w():
+    """docs/format.md section 5: with QServe's sum of the unquantized x the output carries an extra
+    s1_szeros * (sum(x_hat) - sum(x)) term; with the sum of the quantized x it is exactly x_hat . W (fp64)."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 5, 64, 256
+    x = torch.randn(m, k, generator=g) * 4
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    s1 = (torch.rand(n, generator=g) * 0.02 + 0.01).half()
+    szeros = (s1.float() * torch.randint(3, 12, (n,), generator=g)).half()
+    qweight = pack_w4(q)
+    w = ref.dequantize_w4_per_channel(qweight, s1, szeros).double()  # s1 * q - s1_szeros
+    for mode, extra in ((ref.SUM_OF_QUANTIZED, False), (ref.SUM_OF_INPUT, True)):
+        xq, sx, xsum = ref.quantize_per_token(x, mode)
+        out = ref.w4a8_per_channel(xq, sx, xsum, qweight, s1, szeros, out_dtype=torch.float32).double()
+        x_hat = xq.double() * sx.double()[:, None]
+        expect = x_hat @ w.t()
+        if extra:
+            expect = expect - (x.double().sum(-1) - x_hat.sum(-1))[:, None] * szeros.double()[None]
+        assert torch.allclose(out, expect, rtol=1e-5, atol=1e-4), mode
 
 
 def test_fused_quant_equals_composition():
     x, r = torch.randn(5, 256, dtype=torch.bfloat16), torch.randn(5, 256, dtype=torch.bfloat16)
     w = torch.rand(256, dtype=torch.bfloat16) + 0.5
-    xq, s, xsum, res = ref.add_rms_norm_quant(x, r, w, 1e-6, with_sum=True)
+    xq, s, xsum, res = ref.add_rms_norm_quant(x, r, w, 1e-6, 1)
     assert torch.equal(res, x + r)
-    xq2, s2, xsum2 = ref.quantize_per_token(ref.rms_norm(x + r, w, 1e-6), with_sum=True)
+    xq2, s2, xsum2 = ref.quantize_per_token(ref.rms_norm(x + r, w, 1e-6), 1)
     assert torch.equal(xq, xq2) and torch.equal(s, s2) and torch.equal(xsum, xsum2)
     h = torch.randn(4, 2 * 96)
     xq, s, _ = ref.silu_mul_quant(h)
@@ -53,7 +83,7 @@ def test_w4a8_per_channel_matches_fp64(m, n, k, out_dtype):
     w = torch.randn(n, k)
     t = quantize_w4_per_channel(w)
     x = _act(m, k)
-    xq, sx, xsum = ref.quantize_per_token(x, with_sum=True)
+    xq, sx, xsum = ref.quantize_per_token(x, 1)
     bias = torch.randn(n)
     out = ref.w4a8_per_channel(xq, sx, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], out_dtype, bias)
     q = unpack_w4(t["qweight"]).double()
@@ -64,7 +94,7 @@ def test_w4a8_per_channel_matches_fp64(m, n, k, out_dtype):
     assert ((out.double() - expect).abs() <= tol).all()
     # and the whole scheme approximates the fp matmul (4-bit RTN on Gaussian weights: ~8% relative error)
     xb = _act(256, k, 7)
-    xq, sx, xsum = ref.quantize_per_token(xb, with_sum=True)
+    xq, sx, xsum = ref.quantize_per_token(xb, 1)
     approx = ref.w4a8_per_channel(xq, sx, xsum, t["qweight"], t["s1_scales"], t["s1_szeros"], torch.float32)
     assert (approx - xb @ w.t()).norm() / (xb @ w.t()).norm() < 0.15
 

@@ -73,16 +73,21 @@ def check_layers_exact(ckpt_dir, probe_path):
         parts = [dequantized_weight(tensors, f"{prefix}.{p}") for p in MERGED.get(proj, (proj,))]
         w = torch.cat([p[0] for p in parts])
         sz = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-        expect = SimQuantLinear(w, sz, None)(x.float())
+        expect = SimQuantLinear(w, sz, None, activation_sum_of(ckpt_dir))(x.float())
         err = float((y.float() - expect).abs().max() / expect.abs().max())
         tol = LAYER_RTOL if y.dtype == torch.float32 else 2 * torch.finfo(y.dtype).eps  # one output rounding
         assert err < tol, f"{name}: engine output ({y.dtype}) differs from the formula by {err:.2e} (relative)"
         assert not torch.isnan(y).any()
 
 
+def activation_sum_of(ckpt_dir) -> str:
+    with open(os.path.join(ckpt_dir, "config.json")) as f:
+        return (json.load(f).get("quantization_config") or {}).get("activation_sum", "input")
+
+
 def check_against_reference(ckpt, generations, prompt_ids, tol=LOGPROB_TOL, min_compared=None, kv_bits=16):
     d, state, config = ckpt
-    model = build_reference_model(config, state, load_tensors(d), kv_bits=kv_bits)
+    model = build_reference_model(config, state, load_tensors(d), kv_bits=kv_bits, activation_sum=activation_sum_of(d))
     worst, compared = 0.0, 0
     for p, r in zip(prompt_ids, generations):
         with torch.no_grad():
@@ -150,6 +155,24 @@ def test_w4a8_matches_reference(fixture_ckpt, tmp_path, group_size):
     out = run_vllm(tmp_path, model=ckpt[0], prompts=ps)  # quantization_config in config.json: no flag needed
     check_layers_exact(ckpt[0], out["probe_path"])
     print("max |logprob diff|", check_against_reference(ckpt, out["generations"], ps))
+
+
+def test_quantized_activation_sum_checkpoint_matches_its_reference(fixture_ckpt, tmp_path):
+    """quantization_config.activation_sum = "quantized" (what `vllm-qserve quantize` writes): the engine's
+    per-channel linears subtract s1_szeros * sum(xq * sx), and equal that formula layer by layer, not QServe's."""
+    ckpt = fixture_ckpt(group_size=-1, activation_sum="quantized")
+    assert activation_sum_of(ckpt[0]) == "quantized"
+    ps = prompts(ckpt[2].vocab_size, seed=4)
+    out = run_vllm(tmp_path, model=ckpt[0], prompts=ps)
+    check_layers_exact(ckpt[0], out["probe_path"])
+    # the two formulas really differ on these inputs (else the layer check above would prove nothing)
+    probe = torch.load(out["probe_path"], weights_only=True)
+    name, (x, y) = next((k, v) for k, v in probe.items() if k.endswith("down_proj"))
+    prefix = name.rsplit(".", 1)[0]
+    w, sz = dequantized_weight(load_tensors(ckpt[0]), f"{prefix}.down_proj")
+    other = SimQuantLinear(w, sz, None, "input")(x.float())
+    assert float((y.float() - other).abs().max() / other.abs().max()) > 10 * LAYER_RTOL
+    check_against_reference(ckpt, out["generations"], ps)
 
 
 def test_zoo_layout_bin_with_flag(fixture_ckpt, tmp_path):

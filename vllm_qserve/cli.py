@@ -143,7 +143,7 @@ def _cmd_quantize(args) -> int:
     quantize_model_dir(args.model, args.output, weight_bits=args.weight_bits, group_size=args.group_size,
                        kv_bits=args.kv_bits, method=args.method, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seq_len=args.calib_seq_len, device=args.device, seed=args.seed, fmt=args.format,
-                       **overrides)
+                       activation_sum=args.activation_sum, **overrides)
     return 0
 
 
@@ -249,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "fixes 4-bit keys of models with constant key channels such as Qwen2.5, docs/accuracy.md). "
                         "Llama/Qwen2/Mistral; on CUDA such checkpoints decode through the dequantize + FlashAttention "
                         "path (the fused KV4 decode kernel does not add R_p m back yet)")
+    q.add_argument("--activation-sum", choices=("quantized", "input"), default="quantized",
+                   help="per-channel W4A8: the activation sum the epilogue subtracts times the zero points. "
+                        "quantized (default): the sum of the int8 activations, so the GEMM computes exactly "
+                        "x_hat . W; input: QServe's own kernels' sum of the unquantized activations, which "
+                        "multiplies every activation rounding error by the zero point (docs/format.md section 5). "
+                        "Recorded in quantization_config; the plugin serves both")
     q.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
     q.set_defaults(func=_cmd_quantize)
 

@@ -17,6 +17,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from vllm_qserve.checkpoint import CheckpointError, inspect_checkpoint, mode_name
 from vllm_qserve.precision import check_group_size, parse_precision
+from vllm_qserve.reference.activation import ACTIVATION_SUM_MODES
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
 
@@ -25,7 +26,8 @@ QUANT_METHOD_NAMES = ("qserve", "qoq")
 
 class QServeConfig(QuantizationConfig):
     def __init__(self, weight_bits: int | None = None, group_size: int | None = None, kv_bits: int = 16,
-                 modules_to_not_convert: list[str] | None = None, key_center: bool = False):
+                 modules_to_not_convert: list[str] | None = None, key_center: bool = False,
+                 activation_sum: str = "input"):
         super().__init__()
         if weight_bits is not None and weight_bits not in (4, 8):
             raise ValueError(f"qserve: weight_bits must be 4 or 8, got {weight_bits}")
@@ -36,11 +38,18 @@ class QServeConfig(QuantizationConfig):
         self.kv_bits = kv_bits
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.key_center = bool(key_center)  # attention layers carry k_center (attention/key_center_method.py)
+        # Per-channel W4A8's activation sum (reference/activation.py): "input" = QServe's sum of the unquantized
+        # activations (the zoo's checkpoints, and the default); "quantized" = the sum of the int8 activations, so
+        # that the GEMM computes x_hat . W exactly, what `vllm-qserve quantize` calibrates for and writes.
+        if activation_sum not in ACTIVATION_SUM_MODES:
+            raise ValueError(f"qserve: quantization_config.activation_sum must be one of "
+                             f"{sorted(ACTIVATION_SUM_MODES)}, got {activation_sum!r}")
+        self.activation_sum = activation_sum
         self.dummy_weights = False
 
     def __repr__(self) -> str:
         return (f"QServeConfig(weight_bits={self.weight_bits}, group_size={self.group_size}, "
-                f"kv_bits={self.kv_bits}, key_center={self.key_center})")
+                f"kv_bits={self.kv_bits}, key_center={self.key_center}, activation_sum={self.activation_sum!r})")
 
     # --- vLLM interface ---------------------------------------------------------------------------------------
     def get_name(self) -> str:
@@ -73,7 +82,8 @@ class QServeConfig(QuantizationConfig):
         return cls(weight_bits=None if weight_bits is None else int(weight_bits),
                    group_size=group_size, kv_bits=int(kv_bits),
                    modules_to_not_convert=config.get("modules_to_not_convert"),
-                   key_center=bool(config.get("key_center", False)))
+                   key_center=bool(config.get("key_center", False)),
+                   activation_sum=str(config.get("activation_sum", "input")))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):

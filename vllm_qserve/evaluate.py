@@ -151,7 +151,7 @@ def load_sim_model(model_dir: str, kv_bits: int | None = None, act_bits: int | N
                 fp.setdefault(f"model.layers.{i}.{proj}.weight", torch.zeros(0, 0, dtype=dtype))
     model = CausalLM(fp, cfg).to(dtype)
     if quantized:
-        load_qserve_tensors(model, tensors, act_bits)
+        load_qserve_tensors(model, tensors, act_bits, str(qcfg.get("activation_sum", "input")))
     model.to(device)
     if kv_bits is None:
         kv_bits = int(qcfg.get("kv_bits", 16))

@@ -70,7 +70,7 @@ class QServeLinearMethod(LinearMethodBase):
                 for name in ("s2_scales", "s2_zeros"):
                     add(name, QServeGroupScale, torch.empty(g, n, dtype=torch.int8), _INT8,
                         input_dim=0, output_dim=1)
-        layer.qserve_spec = LinearSpec(cfg.weight_bits, cfg.group_size, n, k, params_dtype, "?")
+        layer.qserve_spec = LinearSpec(cfg.weight_bits, cfg.group_size, n, k, params_dtype, "?", cfg.activation_sum)
 
     def process_weights_after_loading(self, layer):
         if self.dummy_weights:
@@ -81,7 +81,8 @@ class QServeLinearMethod(LinearMethodBase):
                 p.check_fully_loaded()
         s = layer.qserve_spec
         device_type = next(p for p in layer.parameters(recurse=False)).device.type
-        spec = LinearSpec(s.weight_bits, s.group_size, s.out_features, s.in_features, s.act_dtype, device_type)
+        spec = LinearSpec(s.weight_bits, s.group_size, s.out_features, s.in_features, s.act_dtype, device_type,
+                          s.activation_sum)
         self.kernel = choose_kernel(spec)
         self.kernel.process_weights_after_loading(layer)
 

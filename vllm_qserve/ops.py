@@ -20,12 +20,12 @@ except ImportError as e:  # pure-Python install (no nvcc / CPU-only torch at bui
 if HAS_CUDA_OPS:
 
     @torch.library.register_fake("qserve::quantize_per_token")
-    def _quantize_per_token_fake(x: torch.Tensor, with_sum: bool):
+    def _quantize_per_token_fake(x: torch.Tensor, sum_mode: int):
         lead = x.shape[:-1]
         return (
             torch.empty_like(x, dtype=torch.int8),
             x.new_empty(lead, dtype=torch.float32),
-            x.new_empty(lead if with_sum else (0,), dtype=torch.float32),
+            x.new_empty(lead if sum_mode else (0,), dtype=torch.float32),
         )
 
     @torch.library.register_fake("qserve::w4a8_gemm_per_channel")

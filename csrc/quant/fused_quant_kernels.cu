@@ -76,6 +76,18 @@ __device__ float block_sum(float v, float2* red) {
   __syncthreads();
   return v;
 }
+__device__ int block_sum_int(int v, float2* red) {  // integers: exact in any order
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) red[warp].x = __int_as_float(v);
+  __syncthreads();
+  v = lane < int(blockDim.x >> 5) ? __float_as_int(red[lane].x) : 0;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  return v;
+}
 __device__ void block_max_and_sum(float& amax, float& sum, float2* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   amax = warp_max(amax);
@@ -255,11 +267,13 @@ __global__ void __launch_bounds__(max_threads<kBatch>(), min_blocks<kBatch>()) f
 
   block_max_and_sum(amax, sum, red);
   const float inv = 127.f / fmaxf(amax, 1e-30f);  // IEEE division: the reference's rounding boundaries
+  const bool sum_codes = p.xsum != nullptr && p.xsum_of_quantized;  // the same for every thread of the CTA
   if (threadIdx.x == 0) {
     p.scale[row] = amax / 127.f;
-    if (p.xsum != nullptr) p.xsum[row] = sum;
+    if (p.xsum != nullptr && !sum_codes) p.xsum[row] = sum;
   }
   int8_t* qr = p.xq + row * p.k;
+  int qsum = 0;  // sum_codes: |sum| <= 127 * K < 2^31 (the op checks K)
   for (int i = threadIdx.x; i < nv; i += blockDim.x) {
     V y;
     if (cache_row) {
@@ -275,8 +289,14 @@ __global__ void __launch_bounds__(max_threads<kBatch>(), min_blocks<kBatch>()) f
     for (int j = 0; j < kVec; ++j) {
       const float t = rintf(__fmul_rn(Num<T>::to_f(y.v[j]), inv));  // __fmul_rn: no FMA contraction
       q.v[j] = static_cast<int8_t>(fminf(fmaxf(t, -127.f), 127.f));
+      qsum += q.v[j];
     }
     reinterpret_cast<QVec<kVec>*>(qr)[i] = q;
+  }
+  if (sum_codes) {
+    qsum = block_sum_int(qsum, red);
+    // the reference's float(sum(xq)) * scale: one rounding of the integer, one fp32 product
+    if (threadIdx.x == 0) p.xsum[row] = __fmul_rn(__int2float_rn(qsum), amax / 127.f);
   }
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fused_quant_params.h"
+#include "sum_mode.h"
 
 #define FCHECK(cond, ...) TORCH_CHECK(cond, "qserve: ", op, ": ", __VA_ARGS__)
 
@@ -86,9 +87,18 @@ void check_eps(const char* op, double eps) {
 
 // (scale, xsum) for `lead` rows: xsum is [0] when not requested (the fakes size it the same way).
 std::pair<at::Tensor, at::Tensor> stats_outputs(const at::Tensor& x, const std::vector<int64_t>& lead,
-                                                bool with_sum) {
+                                                int64_t sum_mode) {
   auto f32 = x.options().dtype(at::kFloat);
-  return {at::empty(lead, f32), at::empty(with_sum ? lead : std::vector<int64_t>{0}, f32)};
+  return {at::empty(lead, f32), at::empty(sum_mode != kNoSum ? lead : std::vector<int64_t>{0}, f32)};
+}
+
+// The sum outputs of Params for sum_mode (checked first: a bad mode is a clear error, not a silent "no sum").
+void set_sum(const char* op, Params& p, at::Tensor& xsum, int64_t sum_mode, int64_t k) {
+  FCHECK(valid_sum_mode(sum_mode), sum_mode_error(sum_mode));
+  FCHECK(sum_mode != kSumOfQuantized || k <= kMaxQuantizedSumK, "sum_mode 2 sums int8 codes in int32: K ", S(k),
+         " is over ", S(kMaxQuantizedSumK));
+  p.xsum = sum_mode != kNoSum ? xsum.data_ptr<float>() : nullptr;
+  p.xsum_of_quantized = sum_mode == kSumOfQuantized;
 }
 
 // QSERVE_FUSED_QUANT_GATED_BATCH (benchmarks' A/B switch for silu_mul_quant's launch at M >= 1024): 1, 2 or 4, or
@@ -112,7 +122,7 @@ void run(const char* op, Prologue prologue, const at::Tensor& x, Params& p) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quant(const at::Tensor& x, const at::Tensor& weight,
-                                                              double eps, bool with_sum) {
+                                                              double eps, int64_t sum_mode) {
   const char* op = "rms_norm_quant";
   act_dtype(op, x);
   const auto [m, stride] = rows_of(op, "x", x);
@@ -122,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quant(const at::Tensor& 
   const at::cuda::OptionalCUDAGuard guard(x.device());
   const auto lead = lead_dims(x);
   auto xq = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  auto [scale, xsum] = stats_outputs(x, lead, with_sum);
+  auto [scale, xsum] = stats_outputs(x, lead, sum_mode);
   Params p;
   p.x = x.data_ptr();
   p.x_row_stride = stride;
@@ -130,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quant(const at::Tensor& 
   p.eps = static_cast<float>(eps);
   p.xq = xq.data_ptr<int8_t>();
   p.scale = scale.data_ptr<float>();
-  p.xsum = with_sum ? xsum.data_ptr<float>() : nullptr;
+  set_sum(op, p, xsum, sum_mode, k);
   p.m = m;
   p.k = static_cast<int>(k);
   run(op, Prologue::kRmsNorm, x, p);
@@ -140,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_quant(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(const at::Tensor& x,
                                                                               const at::Tensor& residual,
                                                                               const at::Tensor& weight, double eps,
-                                                                              bool with_sum) {
+                                                                              int64_t sum_mode) {
   const char* op = "add_rms_norm_quant";
   act_dtype(op, x);
   const auto [m, stride] = rows_of(op, "x", x);
@@ -157,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(co
   const at::cuda::OptionalCUDAGuard guard(x.device());
   const auto lead = lead_dims(x);
   auto xq = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  auto [scale, xsum] = stats_outputs(x, lead, with_sum);
+  auto [scale, xsum] = stats_outputs(x, lead, sum_mode);
   auto residual_out = at::empty(x.sizes(), x.options());
   Params p;
   p.x = x.data_ptr();
@@ -169,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(co
   p.residual_out = residual_out.data_ptr();
   p.xq = xq.data_ptr<int8_t>();
   p.scale = scale.data_ptr<float>();
-  p.xsum = with_sum ? xsum.data_ptr<float>() : nullptr;
+  set_sum(op, p, xsum, sum_mode, k);
   p.m = m;
   p.k = static_cast<int>(k);
   run(op, Prologue::kAddRmsNorm, x, p);
@@ -178,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_rms_norm_quant(co
 
 namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mul_quant(const char* op, Prologue prologue,
-                                                               const at::Tensor& x, bool with_sum) {
+                                                               const at::Tensor& x, int64_t sum_mode) {
   act_dtype(op, x);
   const auto [m, stride] = rows_of(op, "x", x);
   const int64_t w = x.size(-1);
@@ -189,13 +199,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mul_quant(const char* op, P
   auto out_shape = lead;
   out_shape.push_back(d);
   auto xq = at::empty(out_shape, x.options().dtype(at::kChar));
-  auto [scale, xsum] = stats_outputs(x, lead, with_sum);
+  auto [scale, xsum] = stats_outputs(x, lead, sum_mode);
   Params p;
   p.x = x.data_ptr();
   p.x_row_stride = stride;
   p.xq = xq.data_ptr<int8_t>();
   p.scale = scale.data_ptr<float>();
-  p.xsum = with_sum ? xsum.data_ptr<float>() : nullptr;
+  set_sum(op, p, xsum, sum_mode, d);
   p.m = m;
   p.k = static_cast<int>(d);
   run(op, prologue, x, p);
@@ -203,12 +213,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mul_quant(const char* op, P
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quant(const at::Tensor& x, bool with_sum) {
-  return gated_mul_quant("silu_mul_quant", Prologue::kSiluMul, x, with_sum);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> silu_mul_quant(const at::Tensor& x, int64_t sum_mode) {
+  return gated_mul_quant("silu_mul_quant", Prologue::kSiluMul, x, sum_mode);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_tanh_mul_quant(const at::Tensor& x, bool with_sum) {
-  return gated_mul_quant("gelu_tanh_mul_quant", Prologue::kGeluTanhMul, x, with_sum);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_tanh_mul_quant(const at::Tensor& x, int64_t sum_mode) {
+  return gated_mul_quant("gelu_tanh_mul_quant", Prologue::kGeluTanhMul, x, sum_mode);
 }
 
 }  // namespace qserve
@@ -216,16 +226,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_tanh_mul_quant(const at::Ten
 // csrc/torch_bindings.cpp owns TORCH_LIBRARY(qserve); these ops join the namespace as a fragment.
 TORCH_LIBRARY_FRAGMENT(qserve, m) {
   // x [..., K], weight [K] (x's dtype) -> (xq int8 [..., K], scale fp32 [...], xsum fp32 [...] or [0]);
-  // = quantize_per_token(rms_norm(x, weight, eps), with_sum)
-  m.def("rms_norm_quant(Tensor x, Tensor weight, float eps, bool with_sum) -> (Tensor, Tensor, Tensor)");
+  // = quantize_per_token(rms_norm(x, weight, eps), sum_mode)
+  m.def("rms_norm_quant(Tensor x, Tensor weight, float eps, int sum_mode) -> (Tensor, Tensor, Tensor)");
   // ... plus the new residual x + residual [..., K] (x's dtype), normalized in place of x:
-  // = quantize_per_token(rms_norm(x + residual, weight, eps), with_sum), x + residual
-  m.def("add_rms_norm_quant(Tensor x, Tensor residual, Tensor weight, float eps, bool with_sum) -> "
+  // = quantize_per_token(rms_norm(x + residual, weight, eps), sum_mode), x + residual
+  m.def("add_rms_norm_quant(Tensor x, Tensor residual, Tensor weight, float eps, int sum_mode) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
-  // x [..., 2d] (gate, up) -> (xq int8 [..., d], scale, xsum) = quantize_per_token(silu(gate) * up, with_sum)
-  m.def("silu_mul_quant(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)");
-  // ... = quantize_per_token(gelu_tanh(gate) * up, with_sum)   (GeGLU, Gemma)
-  m.def("gelu_tanh_mul_quant(Tensor x, bool with_sum) -> (Tensor, Tensor, Tensor)");
+  // x [..., 2d] (gate, up) -> (xq int8 [..., d], scale, xsum) = quantize_per_token(silu(gate) * up, sum_mode)
+  m.def("silu_mul_quant(Tensor x, int sum_mode) -> (Tensor, Tensor, Tensor)");
+  // ... = quantize_per_token(gelu_tanh(gate) * up, sum_mode)   (GeGLU, Gemma)
+  m.def("gelu_tanh_mul_quant(Tensor x, int sum_mode) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qserve, CUDA, m) {

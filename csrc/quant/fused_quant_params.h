@@ -31,7 +31,8 @@ struct Params {
   void* residual_out = nullptr;  // kAddRmsNorm: [M, K], x + residual in the activation dtype
   int8_t* xq = nullptr;          // [M, K]
   float* scale = nullptr;        // [M]  amax / 127
-  float* xsum = nullptr;         // [M]  sum of the quantized operand, or nullptr
+  float* xsum = nullptr;         // [M]  activation sum (per-channel W4A8), or nullptr
+  bool xsum_of_quantized = false;  // xsum = float(sum(xq)) * scale, else sum of the operand (sum_mode.h)
   int64_t m = 0;
   int k = 0;  // quantized width (kSiluMul: half the input width)
 };

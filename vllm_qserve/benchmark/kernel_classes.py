@@ -50,10 +50,39 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarize_trace(trace_path: str, steps: int, top: int = 15) -> dict:
-    """Kernel time per category (ms per step), GPU-busy time per step and the top kernels of a chrome trace."""
+    """Kernel time per category (ms per step), GPU-busy time per step and the top kernels of a chrome trace, plus
+    what the host did (summarize_host)."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
-    return summarize_events(events, steps, top)
+    return {**summarize_events(events, steps, top), "host": summarize_host(events, steps)}
+
+
+def summarize_host(events: list, steps: int, top: int = 20) -> dict:
+    """The host side of the same steps: CUDA runtime/driver calls (count and ms per step: one cudaGraphLaunch per
+    step means a full CUDA graph, hundreds of kernel launches mean eager or piecewise code; synchronizations show
+    where the host waited for the GPU) and the CPU ops with the most inclusive time per step (nested ops are
+    counted in their parents too, so the column does not add up)."""
+    steps = max(1, steps)
+    runtime: dict[str, list] = {}
+    ops: dict[str, list] = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat, name, dur = e.get("cat", ""), e.get("name", "?"), float(e.get("dur", 0.0))
+        table = runtime if cat in ("cuda_runtime", "cuda_driver") else ops if cat in ("cpu_op", "user_annotation") \
+            else None
+        if table is None:
+            continue
+        k = table.setdefault(name[:120], [0, 0.0])
+        k[0] += 1
+        k[1] += dur
+
+    def rows(table):
+        best = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
+        return [{"name": n, "calls_per_step": round(c / steps, 1), "ms_per_step": round(t / 1000 / steps, 3)}
+                for n, (c, t) in best]
+
+    return {"runtime_calls": rows(runtime), "cpu_ops": rows(ops)}
 
 
 def summarize_events(events: list, steps: int, top: int = 15) -> dict:

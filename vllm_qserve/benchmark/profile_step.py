@@ -148,6 +148,11 @@ def run_worker(job: dict) -> None:
                 f"rerun with --enforce-eager to see the kernels without CUDA graphs")
         log(f"profile {job['config']} {phase}: step {r['step_wall_ms']:.2f} ms, GPU busy "
             f"{r['gpu_busy_ms_per_step']:.2f} ms; " + ", ".join(f"{c} {v:.2f}" for c, v in r["category_ms_per_step"].items() if v))
+        host = r.get("host", {})
+        log(f"profile {job['config']} {phase} host: " + ", ".join(
+            f"{c['name']} x{c['calls_per_step']:g} {c['ms_per_step']:.2f} ms" for c in host.get("runtime_calls", [])[:8]))
+        log(f"profile {job['config']} {phase} cpu ops: " + ", ".join(
+            f"{c['name']} x{c['calls_per_step']:g} {c['ms_per_step']:.2f} ms" for c in host.get("cpu_ops", [])[:12]))
 
 
 def markdown_table(records: list) -> str:

@@ -53,7 +53,8 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 256, intermediate_size
 
 
 def make_fixture_checkpoint(out_dir: str, group_size: int = -1, weight_bits: int = 4, fmt: str = "safetensors",
-                            zoo_style: bool = False, seed: int = 0, kv_bits: int = 16, **config_kwargs):
+                            zoo_style: bool = False, seed: int = 0, kv_bits: int = 16,
+                            activation_sum: str | None = None, **config_kwargs):
     """Writes a tiny QServe checkpoint to out_dir; returns (out_dir, fp32 state dict, transformers config)."""
     from transformers import LlamaForCausalLM
 
@@ -69,7 +70,8 @@ def make_fixture_checkpoint(out_dir: str, group_size: int = -1, weight_bits: int
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
-    write_checkpoint(out_dir, state, cfg, Precision(weight_bits, kv_bits), group_size, fmt=fmt, zoo_style=zoo_style)
+    write_checkpoint(out_dir, state, cfg, Precision(weight_bits, kv_bits), group_size, fmt=fmt, zoo_style=zoo_style,
+                     activation_sum=activation_sum)
     return out_dir, state, config
 
 

@@ -40,16 +40,21 @@ def quantize_state_dict(state_dict: dict, weight_bits: int, group_size: int, des
 
 
 def write_checkpoint(out_dir: str, state_dict: dict, hf_config: dict, precision: Precision, group_size: int,
-                     tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False) -> str:
+                     tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False,
+                     activation_sum: str | None = None) -> str:
     """state_dict: fp weights with HF Llama names.  hf_config: config.json as a dict.  Returns out_dir."""
     group_size = check_group_size(group_size, precision.weight_bits)
     tensors = quantize_state_dict(state_dict, precision.weight_bits, group_size)
-    return save_checkpoint(out_dir, tensors, hf_config, precision, group_size, tokenizer_dir, fmt, zoo_style)
+    return save_checkpoint(out_dir, tensors, hf_config, precision, group_size, tokenizer_dir, fmt, zoo_style,
+                           activation_sum)
 
 
 def save_checkpoint(out_dir: str, tensors: dict, hf_config: dict, precision: Precision, group_size: int,
-                    tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False) -> str:
-    """Writes already-quantized QServe tensors (plus fp16 embeddings/norms/lm_head), config.json and tokenizer."""
+                    tokenizer_dir: str | None = None, fmt: str = "safetensors", zoo_style: bool = False,
+                    activation_sum: str | None = None) -> str:
+    """Writes already-quantized QServe tensors (plus fp16 embeddings/norms/lm_head), config.json and tokenizer.
+    activation_sum: the per-channel W4A8 activation sum the tensors were made for ("input", QServe's, when None;
+    recorded in quantization_config for per-channel W4 checkpoints, where it matters)."""
     group_size = check_group_size(group_size, precision.weight_bits)
     os.makedirs(out_dir, exist_ok=True)
     tensors = dict(tensors)
@@ -72,6 +77,8 @@ def save_checkpoint(out_dir: str, tensors: dict, hf_config: dict, precision: Pre
                                       "kv_bits": precision.kv_bits}
         if any(k.endswith("." + KEY_CENTER) for k in tensors):
             cfg["quantization_config"]["key_center"] = True  # attention/key_center_method.py loads them
+        if activation_sum is not None and precision.weight_bits == 4 and group_size == -1:
+            cfg["quantization_config"]["activation_sum"] = activation_sum  # config.py: the quantizers' sum_mode
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer_dir:

@@ -18,29 +18,29 @@ def fused_ops_available() -> bool:
     return all(hasattr(torch.ops.qserve, name) for name in FUSED_OP_NAMES)
 
 
-def _quant_outputs(x: torch.Tensor, width, with_sum: bool):
+def _quant_outputs(x: torch.Tensor, width, sum_mode: int):
     lead = x.shape[:-1]
     return (
         x.new_empty((*lead, width), dtype=torch.int8),
         x.new_empty(lead, dtype=torch.float32),
-        x.new_empty(lead if with_sum else (0,), dtype=torch.float32),
+        x.new_empty(lead if sum_mode else (0,), dtype=torch.float32),
     )
 
 
-def _rms_norm_quant_fake(x, weight, eps, with_sum):
-    return _quant_outputs(x, x.shape[-1], with_sum)
+def _rms_norm_quant_fake(x, weight, eps, sum_mode):
+    return _quant_outputs(x, x.shape[-1], sum_mode)
 
 
-def _add_rms_norm_quant_fake(x, residual, weight, eps, with_sum):
-    return (*_quant_outputs(x, x.shape[-1], with_sum), x.new_empty(x.shape))
+def _add_rms_norm_quant_fake(x, residual, weight, eps, sum_mode):
+    return (*_quant_outputs(x, x.shape[-1], sum_mode), x.new_empty(x.shape))
 
 
-def _silu_mul_quant_fake(x, with_sum):
-    return _quant_outputs(x, x.shape[-1] // 2, with_sum)
+def _silu_mul_quant_fake(x, sum_mode):
+    return _quant_outputs(x, x.shape[-1] // 2, sum_mode)
 
 
-def _gelu_tanh_mul_quant_fake(x, with_sum):
-    return _quant_outputs(x, x.shape[-1] // 2, with_sum)
+def _gelu_tanh_mul_quant_fake(x, sum_mode):
+    return _quant_outputs(x, x.shape[-1] // 2, sum_mode)
 
 
 # Newer than the three above: registered (and fused) only when the loaded build has it, so an older build keeps

@@ -87,7 +87,7 @@ class QServeFusionPass(VllmFusionPatternMatcherPass):
 
     def uuid(self) -> str:
         """Content-based (keys vLLM's and Inductor's compile caches): this package's sources, the patterns
-        (epsilons, dtype, with_sum, SiLU forms) and the fused ops' schemas."""
+        (epsilons, dtype, sum_mode, SiLU forms) and the fused ops' schemas."""
         schemas = [str(getattr(torch.ops.qserve, n).default._schema) for n in FUSED_OP_NAMES]
         return InductorPass.hash_dict({
             "source": _source_digest(),

@@ -1,6 +1,6 @@
 """What QServeFusionPass looks for in vLLM's post-grad FX graph, and what it puts in its place.
 
-A QServe linear layer's apply() starts with `torch.ops.qserve.quantize_per_token(x, with_sum)` (see
+A QServe linear layer's apply() starts with `torch.ops.qserve.quantize_per_token(x, sum_mode)` (see
 vllm_qserve/kernels/cuda.py), so in the compiled graph of a Llama-style decoder layer the quantizer follows
     * `vllm_ir.rms_norm`            (the first layer's input norm)                     -> qserve.rms_norm_quant
     * `vllm_ir.fused_add_rms_norm`  (every other norm; returns the new residual too)   -> qserve.add_rms_norm_quant
@@ -11,8 +11,10 @@ IR lowering runs after the post-grad passes), so one form per norm suffices.  Th
 input) has nothing in front to fuse with and keeps the plain quantizer.
 
 Each pattern exists per epsilon (the model's rms_norm_eps; Inductor ignores float literals in its first match
-and re-checks them against the traced pattern, so a norm with another eps is left alone) and per with_sum
-(per-channel W4A8 consumes the activation sum, the other modes do not, so their graphs differ by one output).
+and re-checks them against the traced pattern, so a norm with another eps is left alone) and per sum_mode
+(per-channel W4A8 consumes the activation sum, the other modes do not, so their graphs differ by one output; the
+two per-channel sums (reference/activation.py) differ only by the int literal, which Inductor's first match
+ignores and its re-check compares, so each mode only ever takes its own replacement).
 Patterns are traced in the model's activation dtype, because the native SiLU decomposition contains casts only
 for fp16/bf16.
 """
@@ -25,17 +27,19 @@ from torch._inductor.pattern_matcher import Match
 from vllm.compilation.passes.vllm_inductor_pass import VllmPatternReplacement
 from vllm.model_executor.layers.activation import SiluAndMul
 
+from vllm_qserve.reference.activation import NO_SUM, SUM_OF_INPUT, SUM_OF_QUANTIZED
+
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _quantize(y: torch.Tensor, with_sum: bool) -> tuple:
-    q = torch.ops.qserve.quantize_per_token.default(y, with_sum)
-    return (q[0], q[1], q[2]) if with_sum else (q[0], q[1])
+def _quantize(y: torch.Tensor, sum_mode: int) -> tuple:
+    q = torch.ops.qserve.quantize_per_token.default(y, sum_mode)
+    return (q[0], q[1], q[2]) if sum_mode else (q[0], q[1])
 
 
-def _quant_outputs(fused: tuple, with_sum: bool) -> tuple:
+def _quant_outputs(fused: tuple, sum_mode: int) -> tuple:
     """The fused op's (xq, scale, xsum, ...) cut to what the pattern returns."""
-    return (fused[0], fused[1], fused[2]) if with_sum else (fused[0], fused[1])
+    return (fused[0], fused[1], fused[2]) if sum_mode else (fused[0], fused[1])
 
 
 def _val(match: Match, name: str):
@@ -48,14 +52,14 @@ class QuantFusionPattern(VllmPatternReplacement):
 
     fused_op: str = "?"
 
-    def __init__(self, dtype: torch.dtype, with_sum: bool):
+    def __init__(self, dtype: torch.dtype, sum_mode: int):
         self.dtype = dtype
-        self.with_sum = with_sum
+        self.sum_mode = sum_mode
 
     @property
     def key(self) -> str:
         """Stable description (part of the pass uuid)."""
-        return f"{type(self).__name__}(dtype={self.dtype}, with_sum={self.with_sum})"
+        return f"{type(self).__name__}(dtype={self.dtype}, sum_mode={self.sum_mode})"
 
     def extra_check(self, match: Match) -> bool:
         """The kernels take fp16/bf16/fp32 activations and a norm weight of the activation dtype (vLLM's
@@ -75,8 +79,8 @@ class QuantFusionPattern(VllmPatternReplacement):
 class RmsNormQuantPattern(QuantFusionPattern):
     fused_op = "rms_norm_quant"
 
-    def __init__(self, eps: float, dtype: torch.dtype, with_sum: bool):
-        super().__init__(dtype, with_sum)
+    def __init__(self, eps: float, dtype: torch.dtype, sum_mode: int):
+        super().__init__(dtype, sum_mode)
         self.eps = eps
 
     @property
@@ -88,20 +92,20 @@ class RmsNormQuantPattern(QuantFusionPattern):
 
     @property
     def pattern(self):
-        eps, with_sum = self.eps, self.with_sum
+        eps, sum_mode = self.eps, self.sum_mode
 
         def _pattern(x: torch.Tensor, weight: torch.Tensor):
             y = torch.ops.vllm_ir.rms_norm.default(x, weight, eps, None)
-            return _quantize(y, with_sum)
+            return _quantize(y, sum_mode)
 
         return _pattern
 
     @property
     def replacement(self):
-        eps, with_sum = self.eps, self.with_sum
+        eps, sum_mode = self.eps, self.sum_mode
 
         def _replacement(x: torch.Tensor, weight: torch.Tensor):
-            return _quant_outputs(torch.ops.qserve.rms_norm_quant.default(x, weight, eps, with_sum), with_sum)
+            return _quant_outputs(torch.ops.qserve.rms_norm_quant.default(x, weight, eps, sum_mode), sum_mode)
 
         return _replacement
 
@@ -109,8 +113,8 @@ class RmsNormQuantPattern(QuantFusionPattern):
 class AddRmsNormQuantPattern(QuantFusionPattern):
     fused_op = "add_rms_norm_quant"
 
-    def __init__(self, eps: float, dtype: torch.dtype, with_sum: bool):
-        super().__init__(dtype, with_sum)
+    def __init__(self, eps: float, dtype: torch.dtype, sum_mode: int):
+        super().__init__(dtype, sum_mode)
         self.eps = eps
 
     @property
@@ -122,21 +126,21 @@ class AddRmsNormQuantPattern(QuantFusionPattern):
 
     @property
     def pattern(self):
-        eps, with_sum = self.eps, self.with_sum
+        eps, sum_mode = self.eps, self.sum_mode
 
         def _pattern(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
             y, new_residual = torch.ops.vllm_ir.fused_add_rms_norm.default(x, residual, weight, eps, None)
-            return (*_quantize(y, with_sum), new_residual)
+            return (*_quantize(y, sum_mode), new_residual)
 
         return _pattern
 
     @property
     def replacement(self):
-        eps, with_sum = self.eps, self.with_sum
+        eps, sum_mode = self.eps, self.sum_mode
 
         def _replacement(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
-            fused = torch.ops.qserve.add_rms_norm_quant.default(x, residual, weight, eps, with_sum)
-            return (*_quant_outputs(fused, with_sum), fused[3])
+            fused = torch.ops.qserve.add_rms_norm_quant.default(x, residual, weight, eps, sum_mode)
+            return (*_quant_outputs(fused, sum_mode), fused[3])
 
         return _replacement
 
@@ -146,8 +150,8 @@ class SiluMulQuantPattern(QuantFusionPattern):
 
     fused_op = "silu_mul_quant"
 
-    def __init__(self, dtype: torch.dtype, with_sum: bool, custom_op: bool):
-        super().__init__(dtype, with_sum)
+    def __init__(self, dtype: torch.dtype, sum_mode: int, custom_op: bool):
+        super().__init__(dtype, sum_mode)
         self.custom_op = custom_op
 
     @property
@@ -159,7 +163,7 @@ class SiluMulQuantPattern(QuantFusionPattern):
 
     @property
     def pattern(self):
-        with_sum, custom_op = self.with_sum, self.custom_op
+        sum_mode, custom_op = self.sum_mode, self.custom_op
 
         def _pattern(x: torch.Tensor):
             if custom_op:
@@ -171,16 +175,16 @@ class SiluMulQuantPattern(QuantFusionPattern):
                 y = auto_functionalized(op, **{out_name: out, "input": x})[1]
             else:
                 y = SiluAndMul.forward_native(x)
-            return _quantize(y, with_sum)
+            return _quantize(y, sum_mode)
 
         return _pattern
 
     @property
     def replacement(self):
-        with_sum = self.with_sum
+        sum_mode = self.sum_mode
 
         def _replacement(x: torch.Tensor):
-            return _quant_outputs(torch.ops.qserve.silu_mul_quant.default(x, with_sum), with_sum)
+            return _quant_outputs(torch.ops.qserve.silu_mul_quant.default(x, sum_mode), sum_mode)
 
         return _replacement
 
@@ -192,7 +196,7 @@ class GeluTanhMulQuantPattern(SiluMulQuantPattern):
 
     @property
     def pattern(self):
-        with_sum, custom_op = self.with_sum, self.custom_op
+        sum_mode, custom_op = self.sum_mode, self.custom_op
 
         def _pattern(x: torch.Tensor):
             d = x.shape[-1] // 2
@@ -203,16 +207,16 @@ class GeluTanhMulQuantPattern(SiluMulQuantPattern):
                 y = auto_functionalized(op, **{out_name: out, "input": x})[1]
             else:
                 y = torch.nn.functional.gelu(x[..., :d], approximate="tanh") * x[..., d:]
-            return _quantize(y, with_sum)
+            return _quantize(y, sum_mode)
 
         return _pattern
 
     @property
     def replacement(self):
-        with_sum = self.with_sum
+        sum_mode = self.sum_mode
 
         def _replacement(x: torch.Tensor):
-            return _quant_outputs(torch.ops.qserve.gelu_tanh_mul_quant.default(x, with_sum), with_sum)
+            return _quant_outputs(torch.ops.qserve.gelu_tanh_mul_quant.default(x, sum_mode), sum_mode)
 
         return _replacement
 
@@ -237,7 +241,7 @@ def build_patterns(epsilons, dtype: torch.dtype) -> list[QuantFusionPattern]:
     """All patterns for a model: residual-add norms first (vLLM's order for norm patterns), then plain norms,
     then SiLU-and-mul in both traced forms."""
     out: list[QuantFusionPattern] = []
-    sums = (True, False)
+    sums = (SUM_OF_INPUT, SUM_OF_QUANTIZED, NO_SUM)
     out += [AddRmsNormQuantPattern(eps, dtype, s) for eps in epsilons for s in sums]
     out += [RmsNormQuantPattern(eps, dtype, s) for eps in epsilons for s in sums]
     forms = (False, True) if silu_custom_op_available() else (False,)

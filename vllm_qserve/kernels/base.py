@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_qserve.reference.activation import ACTIVATION_SUM_MODES, NO_SUM
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -16,6 +18,14 @@ class LinearSpec:
     in_features: int  # this rank's partition
     act_dtype: torch.dtype
     device_type: str  # "cuda", "cpu", ...
+    activation_sum: str = "input"  # per-channel W4A8's xsum: "input" (QServe's) or "quantized" (config.py)
+
+    @property
+    def sum_mode(self) -> int:
+        """The quantizer's sum_mode for this layer (reference/activation.py): a sum for per-channel W4A8 only."""
+        if self.weight_bits != 4 or self.group_size != -1:
+            return NO_SUM
+        return ACTIVATION_SUM_MODES[self.activation_sum]
 
     @property
     def mode(self) -> str:

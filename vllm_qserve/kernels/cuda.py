@@ -70,7 +70,7 @@ class CudaW4A8Kernel(QServeLinearKernel):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        xq, sx, xsum = torch.ops.qserve.quantize_per_token(x2, per_channel)
+        xq, sx, xsum = torch.ops.qserve.quantize_per_token(x2, spec.sum_mode)
         if spec.weight_bits == 8:
             out = torch.ops.qserve.w8a8_gemm(xq, sx, layer.weight, layer.dequant_scale, bias, x.dtype)
         elif per_channel:

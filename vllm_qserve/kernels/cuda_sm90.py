@@ -91,7 +91,7 @@ class CudaSm90WgmmaKernel(CudaW4A8Kernel):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        xq, sx, xsum = torch.ops.qserve.quantize_per_token(x2, per_channel)
+        xq, sx, xsum = torch.ops.qserve.quantize_per_token(x2, spec.sum_mode)
         if per_channel:
             out = torch.ops.qserve.w4a8_gemm_per_channel_sm90(xq, sx, xsum, layer.qweight, layer.s1_scales,
                                                               layer.s1_szeros, bias, x.dtype, self.min_m)

@@ -62,7 +62,7 @@ class TorchReferenceKernel(QServeLinearKernel):
         per_channel = self.spec.weight_bits == 4 and self.spec.group_size == -1
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        xq, sx, xsum = quantize_per_token(x2, with_sum=per_channel)
+        xq, sx, xsum = quantize_per_token(x2, self.spec.sum_mode)
         w = layer.qserve_w
         acc = torch.mm(xq.to(w.dtype), w).float()
         out = acc * sx.unsqueeze(1) * layer.qserve_col_scale.unsqueeze(0)

@@ -164,7 +164,7 @@ GROUP_K = 128  # any K divisible by the group size: only the tensor names matter
 def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size: int = -1, kv_bits: int = 4,
                        method: str = "qoq", calib: str | None = None, calib_samples: int | None = None,
                        calib_seq_len: int | None = None, device: str = "auto", seed: int = 0,
-                       fmt: str = "safetensors", **qoq_overrides) -> str:
+                       fmt: str = "safetensors", activation_sum: str = "quantized", **qoq_overrides) -> str:
     from vllm_qserve.checkpoint import inspect_checkpoint
     from vllm_qserve.convert.writer import copy_tokenizer_files, save_checkpoint
     from vllm_qserve.precision import Precision, check_group_size
@@ -183,8 +183,10 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     t0 = time.perf_counter()
+    if activation_sum not in ("input", "quantized"):
+        raise ValueError(f"activation_sum must be 'input' or 'quantized', not {activation_sum!r}")
     log = {"source": os.path.abspath(model), "method": method, "weight_bits": weight_bits, "group_size": group_size,
-           "kv_bits": kv_bits, "device": device, "seed": seed}
+           "kv_bits": kv_bits, "device": device, "seed": seed, "activation_sum": activation_sum}
     with tempfile.TemporaryDirectory(dir=parent, prefix=".qserve-quantize-") as tmp:
         sd, cfg, tok_dir = load_source(model, tmp)
         if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
@@ -212,7 +214,8 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
             from vllm_qserve.convert.writer import quantize_state_dict
 
             tensors = quantize_state_dict(sd, weight_bits, group_size)
-            save_checkpoint(out_dir, tensors, cfg, Precision(weight_bits, kv_bits), group_size, tok_dir, fmt)
+            save_checkpoint(out_dir, tensors, cfg, Precision(weight_bits, kv_bits), group_size, tok_dir, fmt,
+                            activation_sum=activation_sum)
         else:
             from transformers import AutoTokenizer
 
@@ -229,13 +232,14 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
                 log["calibration"] = {"self_generated": True, "samples": n, "seq_len": length,
                                       "start_token": calibration.start_token(tokenizer)}
             opts = QoQOptions(weight_bits=weight_bits, group_size=group_size, kv_bits=kv_bits, seed=seed,
-                              **qoq_overrides)
+                              activation_sum=activation_sum, **qoq_overrides)
             tensors = quantize_qoq(lm, ids.to(device), opts)
             rest = _fp16_rest(lm.hf_state_dict())
             tensors = {k: v.cpu() for k, v in {**rest, **tensors}.items()}
             cfg = dict(cfg, tie_word_embeddings=lm.arch.tie_word_embeddings)
             check_tensor_names(tensors, cfg, weight_bits, group_size)
-            save_checkpoint(out_dir, tensors, cfg, Precision(weight_bits, kv_bits), group_size, tok_dir, fmt)
+            save_checkpoint(out_dir, tensors, cfg, Precision(weight_bits, kv_bits), group_size, tok_dir, fmt,
+                            activation_sum=activation_sum)
             log["qoq"] = {k: v for k, v in asdict(opts).items() if k != "log"}
             log["layers"] = opts.log.get("layers")
         if method != "none":

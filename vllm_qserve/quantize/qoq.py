@@ -55,6 +55,9 @@ class QoQOptions:
     rotate_heads: bool = True
     smooth_attention: bool = True
     key_center: bool = False  # store each layer's mean pre-RoPE key; KV4 caches RoPE(k - m) (reference/key_center.py)
+    # per-channel W4A8's activation sum the checkpoint is made for (reference/activation.py): "quantized" makes the
+    # GEMM exactly x_hat . W; "input" is QServe's own kernels' sum (docs/accuracy.md measures both)
+    activation_sum: str = "quantized"
     smooth_attention_alpha: float | None = None  # None: searched per layer (SMOOTH_ATTENTION_ALPHAS)
     smooth_v_o: bool = True
     smooth_up_down: bool = True
@@ -69,6 +72,8 @@ class QoQOptions:
     log: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.activation_sum not in ("input", "quantized"):
+            raise ValueError(f"activation_sum must be 'input' or 'quantized', got {self.activation_sum!r}")
         if self.reorder is None:
             self.reorder = self.group_size == 128
         if self.clip_search is None:
@@ -182,7 +187,7 @@ def _search_smoothing(x: torch.Tensor, w: torch.Tensor, act_absmax: torch.Tensor
             s = None if alpha is None else T.smoothing_scale(act_absmax, w_absmax, alpha)
             se = x.new_ones(x.shape[1]) if s is None else expand(s).to(x)
             xs = x / se
-            y = sim_matmul(*act_terms(xs), *_rtn_terms(w * se, opts))
+            y = sim_matmul(*act_terms(xs, opts.activation_sum), *_rtn_terms(w * se, opts))
             err = float((y - ref).double().pow(2).sum())
             errors[alpha] = err
             if err < best[2]:
@@ -194,7 +199,7 @@ def _clip_ratios(x: torch.Tensor, w: torch.Tensor, opts: QoQOptions) -> torch.Te
     """Per-row clipping ratio minimising the simulated output error on the token sample x."""
     x, w = x.float(), w.float()
     ref = x @ w.t()
-    x_hat, xsum_err = act_terms(x)
+    x_hat, xsum_err = act_terms(x, opts.activation_sum)
     best_err, best_r = None, None
     for r in CLIP_RATIOS:
         y = sim_matmul(x_hat, xsum_err, *_rtn_terms(w, opts, r))
@@ -260,7 +265,7 @@ def _quantize_group(layer: DecoderLayer, name: str, hess: torch.Tensor, sample: 
             out[f"{prefix}.{part}.{proj}.{suffix}"] = v.contiguous()
         if mod.bias is not None:
             out[f"{prefix}.{part}.{proj}.bias"] = mod.bias.data.to(torch.float16).contiguous()
-        setattr(parent, proj, sim_linear_from_tensors(t, mod.bias, dtype))
+        setattr(parent, proj, sim_linear_from_tensors(t, mod.bias, dtype, activation_sum=opts.activation_sum))
     return stats
 
 

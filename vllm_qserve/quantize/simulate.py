@@ -7,7 +7,8 @@ model's dtype (the reference kernels accumulate integers exactly; here the dequa
 floating point, which differs by rounding only):
 
     x_hat = per-token int8 quantization of x      (reference.activation.quantize_per_token)
-    y     = x_hat @ (s1 * q)^T - s1_szeros * sum(x)       per-channel W4A8 (xsum over the *unquantized* x)
+    y     = x_hat @ (s1 * q)^T - s1_szeros * sum(x)       per-channel W4A8, activation_sum "input" (QServe's)
+    y     = x_hat @ (s1 * q - s1_szeros)^T                per-channel W4A8, activation_sum "quantized"
     y     = x_hat @ W^T                                   group-128 W4A8 (W = s1 * w8) and W8A8
     keys after RoPE and values: per token and KV head, asymmetric KV4/KV8 (reference.kv) when kv_bits < 16.
 """
@@ -32,17 +33,23 @@ def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
     return (xq.to(sx.dtype) * sx.unsqueeze(-1)).to(x.dtype)
 
 
-def act_terms(x: torch.Tensor) -> tuple:
-    """(x_hat, sum(x_hat) - sum(x)) of x [..., K]: what the W4A8 GEMMs see of an input."""
+def act_terms(x: torch.Tensor, activation_sum: str = "input") -> tuple:
+    """(x_hat, sum(x_hat) - xsum) of x [..., K]: what the W4A8 GEMMs see of an input.  The second term is the
+    per-channel epilogue's error in the activation sum: sum(x_hat) - sum(x) for QServe's sum of the input, zero
+    when the sum is taken over the quantized activations (activation_sum "quantized", None returned)."""
     x_hat = fake_quant_act(x)
+    if activation_sum == "quantized":
+        return x_hat, None
+    if activation_sum != "input":
+        raise ValueError(f"activation_sum must be 'input' or 'quantized', got {activation_sum!r}")
     return x_hat, x_hat.sum(-1) - x.sum(-1)
 
 
-def sim_matmul(x_hat: torch.Tensor, xsum_err: torch.Tensor, deq: torch.Tensor, szeros: torch.Tensor | None):
+def sim_matmul(x_hat: torch.Tensor, xsum_err: torch.Tensor | None, deq: torch.Tensor, szeros: torch.Tensor | None):
     """QServe's output from dequantized weights: x_hat @ deq^T, plus for per-channel grids the zero-point term of
-    the unquantized sum, written as (sum(x_hat) - sum(x)) * s1_szeros (deq = s1 * q - s1_szeros)."""
+    the sum's error, (sum(x_hat) - xsum) * s1_szeros (deq = s1 * q - s1_szeros; act_terms)."""
     y = x_hat @ deq.t()
-    if szeros is not None:
+    if szeros is not None and xsum_err is not None:
         y = y + xsum_err.unsqueeze(-1) * szeros
     return y
 
@@ -51,17 +58,17 @@ class QServeSimLinear(Linear):
     """A projection with quantized weights and per-token int8 inputs.
 
     weight holds what multiplies x_hat: s1 * q (uncentred codes) in per-channel mode, the dequantized weight
-    otherwise; szeros (per-channel) is subtracted times sum(x) -- QServe's epilogue.
+    otherwise; szeros (per-channel) is subtracted times the activation sum -- QServe's epilogue -- of the input
+    (activation_sum "input", QServe's) or of the quantized input ("quantized"; docs/format.md section 5).
     """
 
-    # Diagnostics only: take the per-channel zero-point sum over the quantized activations (sum(x_hat), what
-    # DeepCompressor simulates) instead of QServe's sum over the unquantized ones (docs/format.md section 5).
-    xsum_of_quantized = False
-
-    def __init__(self, weight, bias=None, szeros=None, act_bits: int | None = 8):
+    def __init__(self, weight, bias=None, szeros=None, act_bits: int | None = 8, activation_sum: str = "input"):
         super().__init__(weight, bias)
         self.szeros = None if szeros is None else torch.nn.Parameter(szeros, requires_grad=False)
         self.act_bits = act_bits
+        if activation_sum not in ("input", "quantized"):
+            raise ValueError(f"activation_sum must be 'input' or 'quantized', got {activation_sum!r}")
+        self.xsum_of_quantized = activation_sum == "quantized"
 
     def forward(self, x):
         xin = fake_quant_act(x) if self.act_bits == 8 else x
@@ -71,7 +78,8 @@ class QServeSimLinear(Linear):
         return y
 
 
-def sim_linear_from_tensors(t: dict, bias, dtype, act_bits: int | None = 8) -> QServeSimLinear:
+def sim_linear_from_tensors(t: dict, bias, dtype, act_bits: int | None = 8,
+                            activation_sum: str = "input") -> QServeSimLinear:
     if "s1_szeros" in t:
         w = dequantize_w4_per_channel(t["qweight"], t["s1_scales"], torch.zeros_like(t["s1_szeros"]))
         szeros = t["s1_szeros"].float()
@@ -80,7 +88,7 @@ def sim_linear_from_tensors(t: dict, bias, dtype, act_bits: int | None = 8) -> Q
     else:
         w, szeros = t["weight"].float() * t["dequant_scale"].float()[:, None], None
     return QServeSimLinear(w.to(dtype), None if bias is None else bias.detach().to(dtype),
-                           None if szeros is None else szeros.to(dtype), act_bits)
+                           None if szeros is None else szeros.to(dtype), act_bits, activation_sum)
 
 
 def kv_fake_quant(bits: int, key_centers: dict | None = None, rope=None):
@@ -106,7 +114,8 @@ def kv_fake_quant(bits: int, key_centers: dict | None = None, rope=None):
     return hook
 
 
-def load_qserve_tensors(model: CausalLM, tensors: dict, act_bits: int | None = 8) -> CausalLM:
+def load_qserve_tensors(model: CausalLM, tensors: dict, act_bits: int | None = 8,
+                        activation_sum: str = "input") -> CausalLM:
     """Replace every projection of model by its QServe simulation from checkpoint tensors (name -> tensor)."""
     dtype = model.lm_head.weight.dtype
     for i, layer in enumerate(model.layers):
@@ -116,5 +125,5 @@ def load_qserve_tensors(model: CausalLM, tensors: dict, act_bits: int | None = 8
             parent = getattr(layer, parent_name)
             t = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             bias = t.pop("bias", None)
-            setattr(parent, name, sim_linear_from_tensors(t, bias, dtype, act_bits))
+            setattr(parent, name, sim_linear_from_tensors(t, bias, dtype, act_bits, activation_sum))
     return model

@@ -5,6 +5,10 @@ they run in float64, which represents every partial sum of int8 x int8 products 
 """
 
 from vllm_qserve.reference.activation import (
+    NO_SUM,
+    SUM_OF_INPUT,
+    SUM_OF_QUANTIZED,
+    ACTIVATION_SUM_MODES,
     quantize_per_token,
     rms_norm,
     rms_norm_quant,
