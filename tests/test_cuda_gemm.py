@@ -241,7 +241,7 @@ def test_quantize_per_token(dtype, shape, with_sum):
     assert xq.dtype == torch.int8 and scale.dtype == torch.float32
     assert torch.equal(xq, rq), f"xq differs in {int((xq != rq).sum())} places"
     assert torch.equal(scale, rs), "scale not bit-exact"
-    if with_sum is 2:  # noqa: F632  (2 and True are both truthy; this one is exact)
+    if with_sum == 2:  # (True == 1: only the quantized sum takes this branch; it is exact)
         assert torch.equal(xsum, rsum), "quantized-sum xsum not bit-exact"
         assert torch.equal(xsum, xq.sum(-1, dtype=torch.int64).float() * scale)
     elif with_sum:
