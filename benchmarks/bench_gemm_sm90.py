@@ -43,15 +43,15 @@ def main():
     ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)))
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--forced", default="v2",
-                    help="comma list of kernels forced in extra columns (v1, v2, v2-serial, v3, split2, split4): wgmma_pc_<kernel>")
+                    help="comma list of kernels forced in extra columns (v1, v2, v2-serial, v2-1wg, v3, split2, split4): wgmma_pc_<kernel>")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     ap.add_argument("--json", default=os.path.join(out_dir, "bench_gemm_sm90.json"))
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     forced = list(dict.fromkeys(args.forced.split(","))) if args.forced else []  # each kernel once
-    bad = [f for f in forced if f not in ("v1", "v2", "v2-serial", "v3", "split2", "split4")]
+    bad = [f for f in forced if f not in ("v1", "v2", "v2-serial", "v2-1wg", "v3", "split2", "split4")]
     if bad:
-        ap.error(f"--forced: unknown kernel(s) {bad}; choose from v1, v2, v2-serial, v3, split2, split4")
+        ap.error(f"--forced: unknown kernel(s) {bad}; choose from v1, v2, v2-serial, v2-1wg, v3, split2, split4")
     cols = []
     for c in COLS:
         cols += [c.replace("_v2", "_" + f) for f in forced] if c.endswith("_v2") else [c]

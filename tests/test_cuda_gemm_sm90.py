@@ -27,11 +27,12 @@ pytestmark = [
 DEV = "cuda"
 
 
-@pytest.fixture(autouse=True, params=["auto", "v2", "v2-serial", "v3", "v1", "split4"])
+@pytest.fixture(autouse=True, params=["auto", "v2", "v2-serial", "v2-1wg", "v3", "v1", "split4"])
 def wgmma_impl(request, monkeypatch):
     """Every test runs with the launcher's own choice at M > 128 (v2, warp-specialized, with K split 2 or 4 ways
     across a cluster where the tiles are few: e.g. M = 129-300 on 4096-channel layers, test_integer_accumulation
-    and test_extreme_values), with v2 unsplit, v2 without step pipelining (v2-serial), the 4-way split whatever the
+    and test_extreme_values), with v2 unsplit, v2 without step pipelining (v2-serial), v2 with one consumer warpgroup and two CTAs per SM
+    (v2-1wg: 128-channel tiles, so also partial ones at N = 32 mod 128), the 4-way split whatever the
     occupancy (split4: several waves of clusters at large M), v3 (v2 on a persistent grid: one CTA per SM, so the large M and N
     here give each CTA several tiles, partial ones included) and v1 (cp.async) forced (QSERVE_WGMMA_IMPL, read by
     the launcher at every call), so all stay correct on every shape; M <= 128 uses the small v1 tiles in every
@@ -99,6 +100,16 @@ def test_odd_shapes(mode, nk):
 def test_llama_shapes(mode, nk):
     ms = ALL_M if nk != (28672, 4096) else [1, 129, 256, 1000, 4096]
     _check(mode, *nk, ms, bias_kinds=(None, "same"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mnk", [(2500, 4128, 4096), (1100, 544, 14336)], ids=lambda s: "x".join(map(str, s)))
+def test_grouped_tile_order(mode, mnk):
+    """CTAs take their tiles in groups of token tiles (grouped_tile: 8 MB of activation rows per group, so 16 token
+    tiles at K = 4096, 4 at K = 14336): several groups with a partial last one (20 = 16 + 4 and 9 = 4 + 4 + 1 token
+    tiles) and a partial channel tile, so a wrong tile mapping leaves NaN-poisoned or duplicated outputs."""
+    m, n, k = mnk
+    _check(mode, n, k, [m], bias_kinds=("same",))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -208,4 +219,4 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     assert out.shape == (0, n)
     # The benchmarks' kernel switch names itself when mistyped (not silently the default kernel).
     monkeypatch.setenv("QSERVE_WGMMA_IMPL", "v9")
-    expect("QSERVE_WGMMA_IMPL must be v1, v2, v2-serial, v3, split2 or split4 \\(or unset\\), got 'v9'")
+    expect("QSERVE_WGMMA_IMPL must be v1, v2, v2-serial, v2-1wg, v3, split2 or split4 \\(or unset\\), got 'v9'")

@@ -76,10 +76,10 @@ def test_wgmma_kernel_declines_off_hopper(monkeypatch):
     assert cuda_sm90.wgmma_min_m(4096, 4096) == 300
     monkeypatch.delenv("QSERVE_WGMMA_MIN_M")
     assert cuda_sm90.wgmma_min_m(4096, 4096) == cuda_sm90.WGMMA_MIN_M  # o
-    assert cuda_sm90.wgmma_min_m(6144, 4096) == cuda_sm90.WGMMA_MIN_M_LARGE < cuda_sm90.WGMMA_MIN_M  # qkv
-    assert cuda_sm90.wgmma_min_m(4096, 14336) == cuda_sm90.WGMMA_MIN_M_LARGE  # down
-    assert cuda_sm90.wgmma_min_m(28672, 4096) == cuda_sm90.WGMMA_MIN_M_WIDE < cuda_sm90.WGMMA_MIN_M_LARGE
-    assert cuda_sm90.wgmma_min_m(4096, 4096, 128) == cuda_sm90.WGMMA_MIN_M_LARGE  # o, group 128
+    assert cuda_sm90.wgmma_min_m(6144, 4096) == cuda_sm90.WGMMA_MIN_M == 129  # qkv
+    assert cuda_sm90.wgmma_min_m(4096, 14336) == cuda_sm90.WGMMA_MIN_M  # down
+    assert cuda_sm90.wgmma_min_m(28672, 4096) == cuda_sm90.WGMMA_MIN_M_WIDE < cuda_sm90.WGMMA_MIN_M
+    assert cuda_sm90.wgmma_min_m(4096, 4096, 128) == cuda_sm90.WGMMA_MIN_M  # o, group 128
     assert cuda_sm90.wgmma_min_m(28672, 4096, 128) == cuda_sm90.WGMMA_MIN_M_WIDE
 
 

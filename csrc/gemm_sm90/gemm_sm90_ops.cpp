@@ -97,7 +97,7 @@ void check_common(const char* op, const at::Tensor& xq, const at::Tensor& sx, co
   p.K = static_cast<int>(k);
 }
 
-// QSERVE_WGMMA_IMPL: unset / empty = the launcher's choice; v1, v2, v2-serial, v3, split2 or split4 force that
+// QSERVE_WGMMA_IMPL: unset / empty = the launcher's choice; v1, v2, v2-serial, v2-1wg, v3, split2 or split4 force that
 // kernel at M > 128 (benchmarks' and tests' A/B switch; w4a8_wgmma_launch.cu says what each is).  Read per call so one process can compare them.
 gemm_sm90::Impl impl_from_env(const char* op) {
   const char* env = std::getenv("QSERVE_WGMMA_IMPL");
@@ -107,9 +107,10 @@ gemm_sm90::Impl impl_from_env(const char* op) {
   if (v == "v2") return gemm_sm90::Impl::kV2;
   if (v == "v3") return gemm_sm90::Impl::kV3;
   if (v == "v2-serial") return gemm_sm90::Impl::kV2Serial;
+  if (v == "v2-1wg") return gemm_sm90::Impl::kV2OneWg;
   if (v == "split2") return gemm_sm90::Impl::kSplit2;
   if (v == "split4") return gemm_sm90::Impl::kSplit4;
-  GCHECK(false, "QSERVE_WGMMA_IMPL must be v1, v2, v2-serial, v3, split2 or split4 (or unset), got '", v, "'");
+  GCHECK(false, "QSERVE_WGMMA_IMPL must be v1, v2, v2-serial, v2-1wg, v3, split2 or split4 (or unset), got '", v, "'");
   return gemm_sm90::Impl::kDefault;
 }
 

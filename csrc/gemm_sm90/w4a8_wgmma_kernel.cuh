@@ -393,6 +393,31 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const uint8_t* t
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Which output tile this CTA computes (grid: x = token tiles, y = channel tiles), in grouped order.  CTAs start in
+// linear order (x fastest), so the ~132 that run together should touch few bytes: tokens fastest alone made one
+// wave cover *every* token tile of one or two channel tiles, i.e. the whole activation matrix -- 67 MB at
+// M = 16384, K = 4096, more than the 50 MB L2 -- so each wave re-read the activations from DRAM (measured,
+// docs/kernels/gemm_sm90.md run 9: 1105-1142 TOP/s at M = 16384 vs 1290-1365 at 4096).  Grouped order walks the
+// token tiles in groups of G (tokens still fastest inside a group, so consecutive CTAs share a weight tile): a
+// group's activation rows, G x kBN x K bytes (<= ~8 MB), stay in L2 while every channel tile passes over them;
+// the weights are re-read once per group (M / (G kBN) times in all, a small fraction of the DRAM time available
+// under a compute-bound GEMM).  With M <= G kBN (one group) the order is the old one.
+template <class Cfg>
+__device__ __forceinline__ void grouped_tile(const GemmParams& p, int& m0, int& n0) {
+  constexpr int kMaxGroup = 16;
+  constexpr int kGroupBytes = 8 << 20;
+  const int group = max(1, min(kMaxGroup, kGroupBytes / (Cfg::kBN * p.K)));
+  const int m_tiles = gridDim.x;
+  const int linear = blockIdx.x + blockIdx.y * m_tiles;
+  const int per_group = group * gridDim.y;  // CTAs in one full group
+  const int g = linear / per_group;
+  const int rows = min(group, m_tiles - g * group);  // token tiles in this group (the last may be partial)
+  const int in_group = linear - g * per_group;
+  m0 = (g * group + in_group % rows) * Cfg::kBN;
+  n0 = (in_group / rows) * Cfg::kChannels;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 template <Mode MODE, class Cfg, typename OutT>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const GemmParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -407,8 +432,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) w4a8_wgmma_kernel(const Gemm
   uint8_t* const base_ptr = smem_raw + (base - raw);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
-  const int m0 = blockIdx.x * Cfg::kBN;        // tokens: fastest, so CTAs running together share a weight tile
-  const int n0 = blockIdx.y * Cfg::kChannels;  // channels
+  int m0, n0;  // first token and channel of this CTA's tile
+  grouped_tile<Cfg>(p, m0, n0);
 
   // No zero-initialization: the first k32 step overwrites the accumulators (scale-d = false).  Writing them with
   // ordinary instructions would make ptxas serialize the wgmma pipeline (C7515).  K >= 128 is checked by the op.

@@ -20,13 +20,16 @@ namespace {
 //  * M > 128: v2 (w4a8_wgmma_ws_kernel.cuh): a producer warpgroup (TMA / bulk copies) and 2 consumer warpgroups
 //    (256 channels) x 128 tokens, 5 stages (175 KB of shared memory, 1 CTA/SM): the most MACs per byte staged
 //    (the weight tile is 4-bit, so wide channel tiles are cheap), and two consumers hide each other's conversion.
-//    Where that gives few tiles (4096-channel layers at a few hundred tokens: 32-48 CTAs for 132 SMs), K is split
-//    4 or 2 ways across a thread-block cluster (w4a8_wgmma_splitk_kernel.cuh, choose_split below): exact int32
-//    partial sums added through distributed shared memory.
+//    CTAs take their tiles in grouped order (grouped_tile: the activation rows of a wave stay in L2 at large M).
+//    Where v2 gives few tiles (4096-channel layers at a few hundred tokens: 32-48 CTAs for 132 SMs): K split 4
+//    ways across a thread-block cluster where the clusters fit in one wave (w4a8_wgmma_splitk_kernel.cuh,
+//    choose_split below: exact int32 partial sums added through distributed shared memory), else, up to SMs / 2
+//    tiles, v2-1wg: one consumer warpgroup x 128 channels, 2 CTAs per SM (session 10; it replaced the 2-way split).
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
 // QSERVE_WGMMA_IMPL (read by the op per call, so that a benchmark or a test can compare kernels in one process;
 // passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v2-serial" = that with session 7's
-// consume_stage (all 4 k32 steps converted before the stage's wgmmas, no step pipelining); "split2" / "split4" =
+// consume_stage (all 4 k32 steps converted before the stage's wgmmas, no step pipelining); "v2-1wg" = v2 with one
+// consumer warpgroup (128 channels x 128 tokens, 4 stages) and two CTAs per SM; "split2" / "split4" =
 // the cluster split-K kernel with that split whatever the occupancy (2 / 1 where K has fewer stages); "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
 // next tile prefetched during the epilogue, output through async bulk stores, 4 stages); "v1" = the cp.async
 // kernel's larger tiles (CfgMid: 1 warpgroup x 128 tokens up to M = 512; CfgLarge: 2 warpgroups x 128 tokens
@@ -39,6 +42,7 @@ using CfgLarge = Config<2, 128, 5>;
 using CfgLargeWs = WsConfig<128, 5>;
 using CfgLargeWsSerial = WsConfig<128, 5, /*step_pipelined=*/false>;
 using CfgPersistent = WsConfig<128, 4>;
+using CfgLargeWsOneWg = WsConfig<128, 4, /*step_pipelined=*/true, /*consumer_wgs=*/1>;
 
 // Streaming multiprocessors of the current device (cached per device: one attribute query per process).
 int sm_count(int dev) {
@@ -108,6 +112,8 @@ template <Mode MODE, class Cfg, typename OutT>
 cudaError_t launch_ws(const GemmParams& p, cudaStream_t stream) {
   constexpr int kSmem = Smem<MODE, Cfg>::kTotal;
   static_assert(kSmem <= 227 * 1024, "tile config exceeds sm_90's 227 KB of shared memory per block");
+  // sm_90: 228 KB of shared memory per SM, of which each resident CTA reserves 1 KB
+  static_assert(Cfg::kCtasPerSm * (kSmem + 1024) <= 228 * 1024, "tile config does not fit kCtasPerSm CTAs per SM");
   static bool done[64] = {};
   return launch_tma<Cfg>(w4a8_wgmma_ws_kernel<MODE, Cfg, OutT>, kSmem, done, tile_grid<Cfg>(p), p, stream);
 }
@@ -228,6 +234,7 @@ cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   }
   if (impl == Impl::kV2) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
   if (impl == Impl::kV2Serial) return launch_ws<MODE, CfgLargeWsSerial, OutT>(p, stream);
+  if (impl == Impl::kV2OneWg) return launch_ws<MODE, CfgLargeWsOneWg, OutT>(p, stream);
   int dev = 0;
   const cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
@@ -239,11 +246,13 @@ cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   if ((impl == Impl::kSplit4 || impl == Impl::kSplit2) && every_rank_has_stages(ktiles, 2))
     return launch_splitk<MODE, CfgLargeWs, OutT, 2>(p, stream);
   if (impl == Impl::kSplit4 || impl == Impl::kSplit2) return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
-  switch (choose_split<MODE, CfgLargeWs, OutT>(p, dev, stream)) {
-    case 4: return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
-    case 2: return launch_splitk<MODE, CfgLargeWs, OutT, 2>(p, stream);
-    default: return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
-  }
+  // Few tiles: v2's 256-channel tiles would leave most SMs idle.  The 4-way cluster split where it fits in one
+  // wave; else v2-1wg's 128-channel tiles (twice the CTAs), which beat the 2-way split wherever that applied
+  // (run 9, M = 256: qkv 23.2 vs 27.6 us, o 22.0 vs 26.3, down 54.8 vs 63.1) and tie v2 from ~128 tiles up.
+  const int split = choose_split<MODE, CfgLargeWs, OutT>(p, dev, stream);
+  if (split == 4) return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
+  if (2 * tile_count<CfgLargeWs>(p) <= sm_count(dev)) return launch_ws<MODE, CfgLargeWsOneWg, OutT>(p, stream);
+  return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
 }
 
 }  // namespace

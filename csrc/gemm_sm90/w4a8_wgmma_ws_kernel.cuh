@@ -20,9 +20,15 @@
 namespace qserve {
 namespace gemm_sm90 {
 
-template <int BN_, int STAGES_, bool STEP_PIPELINED_ = true>
+// WGS_ = 2 (v2): 2 consumer warpgroups share each stage's activation tile (256 channels x BN tokens), 1 CTA/SM.
+// WGS_ = 1 ("v2-1wg", session 10): 1 consumer warpgroup (128 channels) and 2 CTAs per SM, so that one CTA's
+// per-tile fixed cost (pipeline fill, epilogue, stores, CTA launch: ~5 us of a ~25 us K = 4096 tile, docs/kernels/
+// gemm_sm90.md run 9) can run under the other CTA's wgmmas; the price is 1.5x the L2 -> shared traffic per MAC
+// (the activation tile is no longer shared by 256 channels).  Registers: 2 x (128 x 232 + 128 x 24) = 65536.
+template <int BN_, int STAGES_, bool STEP_PIPELINED_ = true, int WGS_ = 2>
 struct WsConfig {
-  static constexpr int kWGs = 2;                   // consumer warpgroups
+  static_assert(WGS_ == 1 || WGS_ == 2, "1 or 2 consumer warpgroups");
+  static constexpr int kWGs = WGS_;                // consumer warpgroups
   static constexpr int kBN = BN_;
   static constexpr int kStages = STAGES_;
   static constexpr int kThreads = 128 * (kWGs + 1);  // + the producer warpgroup
@@ -31,8 +37,10 @@ struct WsConfig {
   static constexpr int kKTiles = kStageK / 32;
   static constexpr int kAccPerBlock = kBN / 2;
   static constexpr bool kStepPipelined = STEP_PIPELINED_;  // convert k32 step ks+1 under step ks's wgmmas
-  static constexpr int kConsumerRegs = 232;        // setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 65536
-  static constexpr int kProducerRegs = 40;
+  static constexpr int kCtasPerSm = kWGs == 2 ? 1 : 2;     // __launch_bounds__ minimum blocks per SM
+  // setmaxnreg: 2 x 128 x 232 + 128 x 40 <= 65536 (one CTA); 2 x (128 x 232 + 128 x 24) = 65536 (two CTAs)
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kProducerRegs = kWGs == 2 ? 40 : 24;
 };
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -104,7 +112,7 @@ __device__ __forceinline__ void issue_stage_copies(const GemmParams& p, const CU
 }
 
 template <Mode MODE, class Cfg, typename OutT>
-__global__ void __launch_bounds__(Cfg::kThreads, 1)
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     w4a8_wgmma_ws_kernel(const __grid_constant__ CUtensorMap act_map, const GemmParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();
@@ -118,7 +126,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int m0 = blockIdx.x * Cfg::kBN, n0 = blockIdx.y * Cfg::kChannels;
+  int m0, n0;  // first token and channel of this CTA's tile (grouped order, w4a8_wgmma_kernel.cuh)
+  grouped_tile<Cfg>(p, m0, n0);
   const int ktiles = p.K / kStageK;
 
   if (tid == 0) init_stage_barriers<Cfg>(full_bar, empty_bar);

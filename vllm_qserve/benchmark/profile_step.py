@@ -55,6 +55,24 @@ def _profiled(engine, n: int, sync, trace_path: str) -> None:
     prof.export_chrome_trace(trace_path)
 
 
+def _python_profile(engine, n: int, sync, top: int = 25) -> list:
+    """n engine steps under cProfile: the functions with the most own time, per step (host-side cost of a step:
+    scheduler, input preparation, sampling, output processing), as [{name, calls_per_step, own_ms, cum_ms}]."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        engine.step()
+        sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, func) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"name": f"{os.path.basename(f)}:{line}:{fn}", "calls_per_step": round(v[1] / n, 1),
+             "own_ms": round(1000 * v[2] / n, 3), "cum_ms": round(1000 * v[3] / n, 3)} for (f, line, fn), v in rows]
+
+
 def run_worker(job: dict) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model runs in this process: the profiler sees it
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -94,6 +112,8 @@ def run_worker(job: dict) -> None:
     _profiled(engine, steps, sync, trace)
     results["decode"] = {"batch": batch, "context": in_len, "step_wall_ms": round(1000 * sum(walls) / len(walls), 3),
                          "steps": steps, **summarize_trace(trace, steps)}
+    if job.get("python_profile"):
+        results["decode"]["python_top"] = _python_profile(engine, job["python_profile"], sync)
     engine.abort_request([i for i in ids if i is not None])
     while engine.has_unfinished_requests():
         engine.step()
@@ -153,6 +173,9 @@ def run_worker(job: dict) -> None:
             f"{c['name']} x{c['calls_per_step']:g} {c['ms_per_step']:.2f} ms" for c in host.get("runtime_calls", [])[:8]))
         log(f"profile {job['config']} {phase} cpu ops: " + ", ".join(
             f"{c['name']} x{c['calls_per_step']:g} {c['ms_per_step']:.2f} ms" for c in host.get("cpu_ops", [])[:12]))
+        for row in r.get("python_top", []):
+            log(f"profile {job['config']} {phase} python: {row['own_ms']:7.3f} ms own, {row['cum_ms']:7.3f} cum, "
+                f"x{row['calls_per_step']:g}  {row['name']}")
 
 
 def markdown_table(records: list) -> str:
@@ -195,7 +218,7 @@ def run(args) -> int:
                    "model_dir": write_model_folder(base, cfg, os.path.join(tmp, cfg.name)),
                    "engine_kwargs": cfg.engine_kwargs, "input_len": args.input_len, "output_len": args.output_len,
                    "batch": args.batch, "steps": args.steps, "dtype": args.dtype, "enforce_eager": args.enforce_eager,
-                   "out": os.path.abspath(args.out), "tmp": tmp}
+                   "python_profile": args.python_profile, "out": os.path.abspath(args.out), "tmp": tmp}
             env = child_env(cfg)
             rc = subprocess.run([sys.executable, "-m", "vllm_qserve.benchmark.profile_step", "--worker",
                                  json.dumps(job)], env=env).returncode
@@ -221,6 +244,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--output-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--python-profile", type=int, default=0, metavar="N",
+                   help="also run N decode steps under cProfile and report the Python functions with the most own "
+                        "time per step (where the host time of a step goes; 0 = off)")
     p.add_argument("--keep-traces", default=None, metavar="DIR", help="keep the chrome traces here")
     p.add_argument("--out", default=DEFAULT_OUT)
     return p

@@ -22,33 +22,29 @@ from vllm_qserve.kernels.cuda import CudaW4A8Kernel
 logger = init_logger(f"vllm.{__name__}")
 
 # Rows (tokens) from which the wgmma kernel runs, by layer shape.  Measured on an H100 SXM, both modes, Llama-3-8B
-# shapes (docs/kernels/gemm_sm90.md: benchmarks/results/bench_gemm_sm90_h100.json; 128 < M <= 512:
-# bench_gemm_sm90_mid_h100.json, then bench_gemm_sm90_splitk_h100.json with the cluster split-K launch of run 7):
+# shapes (docs/kernels/gemm_sm90.md: benchmarks/results/bench_gemm_sm90_h100.json, then run 9 of session 10,
+# bench_gemm_sm90_s10_h100.json, with 128-channel v2-1wg tiles where v2's tiles are few):
 #  * N >= 16384 (gate_up 28672): wgmma is already as fast as mma.sync at M = 1-16 and 2.2x faster at M = 64 (its
 #    128-channel CTAs give N/128 = 224 CTAs, plenty for 132 SMs): from 64 rows on.
-#  * N * K >= 24 Mi (qkv 6144 x 4096, down 4096 x 14336): with K split across a cluster (few tiles), wgmma beats
-#    mma.sync from 129 rows (M = 192 / 256: qkv 30.7 / 30.7 us vs 32.0 / 33.8; down 64.5 / 65.4 vs 69.9 / 71.7);
-#    at M <= 128 the small v1 tiles lose (down M = 128: 70.1 vs 58.0 us).
-#  * smaller layers (o 4096 x 4096), per-channel: mma.sync's 64x64 tiles still win up to M = 256 (M = 256: 25.9 vs
-#    29.8 us); above 256 mma.sync steps to its 128-token tiles and wgmma wins (M = 320: 29.8 vs 41.4 us).  Group 128:
-#    mma.sync's in-register w8 rebuild costs it more, so wgmma wins from 129 rows there too (o M = 192 / 256: 32.2 /
-#    31.8 vs 34.4 / 34.4 us); at M = 128 (wgmma's small v1 tiles) mma.sync still wins (o 24.6 vs 32.2).
+#  * every other layer, both modes: from 129 rows.  At M = 129-256 the launcher's few-tile path (v2-1wg, two CTAs
+#    per SM) beats mma.sync on all three 4096-wide layers (per-channel, M = 129 / 256: o 22.8 / 22.4 us vs 26.3 /
+#    25.8; qkv 24.1 / 23.4 vs 30.7 / 34.1; down 54.5 / 55.8 vs 69.9 / 71.2); at M <= 128 wgmma's small v1 tiles
+#    lose (down M = 128: 70.1 vs 58.0 us, o group 128: 32.2 vs 24.6).  Until session 10 per-channel o stayed on
+#    mma.sync up to 256 rows (v2's 256-channel tiles with a 2-way K split: 29.8 us at M = 256).
 WIDE_N = 16384
-LARGE_NK = 24 * 2**20
 WGMMA_MIN_M_WIDE = 64
-WGMMA_MIN_M_LARGE = 129
-WGMMA_MIN_M = 257
+WGMMA_MIN_M = 129
 _logged: set = set()
 
 
 def wgmma_min_m(out_features: int, in_features: int, group_size: int = -1) -> int:
+    """Rows from which the wgmma kernel runs (see above).  in_features and group_size no longer move the crossover
+    (they did before session 10) but stay in the signature: the crossover is a property of the layer's shape."""
     env = os.environ.get("QSERVE_WGMMA_MIN_M")
     if env:
         return int(env)
     if out_features >= WIDE_N:
         return WGMMA_MIN_M_WIDE
-    if group_size != -1 or out_features * in_features >= LARGE_NK:
-        return WGMMA_MIN_M_LARGE
     return WGMMA_MIN_M
 
 
