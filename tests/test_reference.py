@@ -36,6 +36,11 @@ def test_quantize_per_token(dtype):
     assert ref.quantize_per_token(x)[2] is None and ref.quantize_per_token(x, False)[2] is None
     with pytest.raises(ValueError, match="sum_mode must be 0"):
         ref.quantize_per_token(x, 3)
+    from vllm_qserve.reference.activation import check_activation_sum
+
+    assert [check_activation_sum(a) for a in ("input", "quantized")] == ["input", "quantized"]
+    with pytest.raises(ValueError, match="activation_sum must be one of .*'fp8'"):
+        check_activation_sum("fp8")
 
 
 def test_quantized_activation_sum_makes_the_per_channel_gemm_exactly_x_hat_w():

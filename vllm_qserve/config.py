@@ -17,7 +17,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from vllm_qserve.checkpoint import CheckpointError, inspect_checkpoint, mode_name
 from vllm_qserve.precision import check_group_size, parse_precision
-from vllm_qserve.reference.activation import ACTIVATION_SUM_MODES
+from vllm_qserve.reference.activation import check_activation_sum
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm." so vLLM's log handlers print it
 
@@ -41,10 +41,7 @@ class QServeConfig(QuantizationConfig):
         # Per-channel W4A8's activation sum (reference/activation.py): "input" = QServe's sum of the unquantized
         # activations (the zoo's checkpoints, and the default); "quantized" = the sum of the int8 activations, so
         # that the GEMM computes x_hat . W exactly, what `vllm-qserve quantize` calibrates for and writes.
-        if activation_sum not in ACTIVATION_SUM_MODES:
-            raise ValueError(f"qserve: quantization_config.activation_sum must be one of "
-                             f"{sorted(ACTIVATION_SUM_MODES)}, got {activation_sum!r}")
-        self.activation_sum = activation_sum
+        self.activation_sum = check_activation_sum(activation_sum, "qserve: quantization_config.activation_sum")
         self.dummy_weights = False
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 import torch
 
 from vllm_qserve.quantize.model import SUPPORTED_MODEL_TYPES, ArchSpec
+from vllm_qserve.reference.activation import check_activation_sum
 
 METHODS = ("qoq", "rtn", "none")
 
@@ -183,8 +184,7 @@ def quantize_model_dir(model: str, output: str, weight_bits: int = 4, group_size
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     t0 = time.perf_counter()
-    if activation_sum not in ("input", "quantized"):
-        raise ValueError(f"activation_sum must be 'input' or 'quantized', not {activation_sum!r}")
+    check_activation_sum(activation_sum)
     log = {"source": os.path.abspath(model), "method": method, "weight_bits": weight_bits, "group_size": group_size,
            "kv_bits": kv_bits, "device": device, "seed": seed, "activation_sum": activation_sum}
     with tempfile.TemporaryDirectory(dir=parent, prefix=".qserve-quantize-") as tmp:

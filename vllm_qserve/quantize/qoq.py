@@ -33,6 +33,7 @@ from vllm_qserve.quantize.gptq import Hessian, gptq, single_thread
 from vllm_qserve.quantize.model import CausalLM, DecoderLayer
 from vllm_qserve.quantize.quantizers import make_quantizer
 from vllm_qserve.quantize.simulate import act_terms, kv_fake_quant, sim_linear_from_tensors, sim_matmul
+from vllm_qserve.reference.activation import check_activation_sum
 
 SMOOTH_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)  # round-to-nearest (no GPTQ) search
@@ -72,8 +73,7 @@ class QoQOptions:
     log: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.activation_sum not in ("input", "quantized"):
-            raise ValueError(f"activation_sum must be 'input' or 'quantized', got {self.activation_sum!r}")
+        check_activation_sum(self.activation_sum)
         if self.reorder is None:
             self.reorder = self.group_size == 128
         if self.clip_search is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from vllm_qserve.quantize.model import PROJECTIONS, CausalLM, Linear
-from vllm_qserve.reference.activation import quantize_per_token
+from vllm_qserve.reference.activation import check_activation_sum, quantize_per_token
 from vllm_qserve.reference.gemm import (
     dequantize_w4_per_channel,
     dequantize_w4_per_group,
@@ -40,8 +40,7 @@ def act_terms(x: torch.Tensor, activation_sum: str = "input") -> tuple:
     x_hat = fake_quant_act(x)
     if activation_sum == "quantized":
         return x_hat, None
-    if activation_sum != "input":
-        raise ValueError(f"activation_sum must be 'input' or 'quantized', got {activation_sum!r}")
+    check_activation_sum(activation_sum)
     return x_hat, x_hat.sum(-1) - x.sum(-1)
 
 
@@ -66,9 +65,7 @@ class QServeSimLinear(Linear):
         super().__init__(weight, bias)
         self.szeros = None if szeros is None else torch.nn.Parameter(szeros, requires_grad=False)
         self.act_bits = act_bits
-        if activation_sum not in ("input", "quantized"):
-            raise ValueError(f"activation_sum must be 'input' or 'quantized', got {activation_sum!r}")
-        self.xsum_of_quantized = activation_sum == "quantized"
+        self.xsum_of_quantized = check_activation_sum(activation_sum) == "quantized"
 
     def forward(self, x):
         xin = fake_quant_act(x) if self.act_bits == 8 else x

@@ -34,6 +34,13 @@ NO_SUM, SUM_OF_INPUT, SUM_OF_QUANTIZED = 0, 1, 2
 ACTIVATION_SUM_MODES = {"input": SUM_OF_INPUT, "quantized": SUM_OF_QUANTIZED}
 
 
+def check_activation_sum(activation_sum, what: str = "activation_sum") -> str:
+    """The one validity check of an activation_sum setting (quantization_config, quantizer, simulation)."""
+    if activation_sum not in ACTIVATION_SUM_MODES:
+        raise ValueError(f"{what} must be one of {sorted(ACTIVATION_SUM_MODES)}, got {activation_sum!r}")
+    return activation_sum
+
+
 def check_sum_mode(sum_mode) -> int:
     mode = int(sum_mode)
     if mode not in (NO_SUM, SUM_OF_INPUT, SUM_OF_QUANTIZED):
