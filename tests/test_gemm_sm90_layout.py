@@ -73,14 +73,11 @@ def test_wgmma_kernel_declines_off_hopper(monkeypatch):
     ok, why = cuda_sm90.CudaSm90WgmmaKernel.can_implement(w8)
     assert not ok and "W8A8" in why
     monkeypatch.setenv("QSERVE_WGMMA_MIN_M", "300")
-    assert cuda_sm90.wgmma_min_m(4096, 4096) == 300
+    assert cuda_sm90.wgmma_min_m(4096) == 300
     monkeypatch.delenv("QSERVE_WGMMA_MIN_M")
-    assert cuda_sm90.wgmma_min_m(4096, 4096) == cuda_sm90.WGMMA_MIN_M  # o
-    assert cuda_sm90.wgmma_min_m(6144, 4096) == cuda_sm90.WGMMA_MIN_M == 129  # qkv
-    assert cuda_sm90.wgmma_min_m(4096, 14336) == cuda_sm90.WGMMA_MIN_M  # down
-    assert cuda_sm90.wgmma_min_m(28672, 4096) == cuda_sm90.WGMMA_MIN_M_WIDE < cuda_sm90.WGMMA_MIN_M
-    assert cuda_sm90.wgmma_min_m(4096, 4096, 128) == cuda_sm90.WGMMA_MIN_M  # o, group 128
-    assert cuda_sm90.wgmma_min_m(28672, 4096, 128) == cuda_sm90.WGMMA_MIN_M_WIDE
+    assert cuda_sm90.wgmma_min_m(4096) == cuda_sm90.WGMMA_MIN_M == 129  # o, down
+    assert cuda_sm90.wgmma_min_m(6144) == cuda_sm90.WGMMA_MIN_M  # qkv
+    assert cuda_sm90.wgmma_min_m(28672) == cuda_sm90.WGMMA_MIN_M_WIDE < cuda_sm90.WGMMA_MIN_M  # gate_up
 
 
 def test_sm90_ops_have_fake_implementations():

@@ -23,8 +23,9 @@ namespace {
 //    CTAs take their tiles in grouped order (grouped_tile: the activation rows of a wave stay in L2 at large M).
 //    Where v2 gives few tiles (4096-channel layers at a few hundred tokens: 32-48 CTAs for 132 SMs): K split 4
 //    ways across a thread-block cluster where the clusters fit in one wave (w4a8_wgmma_splitk_kernel.cuh,
-//    choose_split below: exact int32 partial sums added through distributed shared memory), else, up to SMs / 2
-//    tiles, v2-1wg: one consumer warpgroup x 128 channels, 2 CTAs per SM (session 10; it replaced the 2-way split).
+//    use_split4 below: exact int32 partial sums added through distributed shared memory), else, while its CTAs
+//    fit one per SM, v2-1wg: one consumer warpgroup x 128 channels, 2 CTAs per SM (session 10; it replaced the
+//    2-way split).
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
 // QSERVE_WGMMA_IMPL (read by the op per call, so that a benchmark or a test can compare kernels in one process;
 // passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v2-serial" = that with session 7's
@@ -198,19 +199,16 @@ constexpr bool every_rank_has_stages(int ktiles, int split) {
   return (split - 1) * ((ktiles + split - 1) / split) < ktiles;
 }
 
-// How many ways v2 splits K (1 = no split): the largest of 4 / 2 whose clusters all fit at once (one wave) and
-// that leaves every CTA at least kMinStagesPerSplit stages (the pipeline's depth plus a few, to amortize the
-// reduction).  One wave only, measured: a wave-count rule (fewest ceil(tiles / clusters(s)) / s, session 8) also
-// split shapes with several waves of clusters (qkv at M = 768-1536, gate_up at M = 512-1536) and made them
-// 1.4-1.8x slower than unsplit (qkv M = 1024: 73.8 vs 54.1 us; gate_up M = 512: 164.7 vs 104.8 us).
+// Whether v2 splits K 4 ways: when the 4-CTA clusters all fit at once (one wave) and every CTA keeps at least
+// kMinStagesPerSplit stages (the pipeline's depth plus a few, to amortize the reduction).  One wave only, measured:
+// a wave-count rule (session 8) also split shapes with several waves of clusters and made them 1.4-1.8x slower
+// than unsplit (qkv M = 1024: 73.8 vs 54.1 us; gate_up M = 512: 164.7 vs 104.8 us).  The 2-way split, which this
+// rule also chose until session 10, lost to v2-1wg on every shape where it applied (run 9); it stays forceable.
 constexpr int kMinStagesPerSplit = 8;
 template <Mode MODE, class Cfg, typename OutT>
-int choose_split(const GemmParams& p, int dev, cudaStream_t stream) {
-  const int tiles = tile_count<Cfg>(p);
-  const int ktiles = p.K / kStageK;
-  if (ktiles >= 4 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 4>(dev, stream)) return 4;
-  if (ktiles >= 2 * kMinStagesPerSplit && tiles <= max_active_clusters<MODE, Cfg, OutT, 2>(dev, stream)) return 2;
-  return 1;
+bool use_split4(const GemmParams& p, int dev, cudaStream_t stream) {
+  return p.K / kStageK >= 4 * kMinStagesPerSplit &&
+         tile_count<Cfg>(p) <= max_active_clusters<MODE, Cfg, OutT, 4>(dev, stream);
 }
 
 template <Mode MODE, class Cfg, typename OutT>
@@ -249,9 +247,8 @@ cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   // Few tiles: v2's 256-channel tiles would leave most SMs idle.  The 4-way cluster split where it fits in one
   // wave; else v2-1wg's 128-channel tiles (twice the CTAs), which beat the 2-way split wherever that applied
   // (run 9, M = 256: qkv 23.2 vs 27.6 us, o 22.0 vs 26.3, down 54.8 vs 63.1) and tie v2 from ~128 tiles up.
-  const int split = choose_split<MODE, CfgLargeWs, OutT>(p, dev, stream);
-  if (split == 4) return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
-  if (2 * tile_count<CfgLargeWs>(p) <= sm_count(dev)) return launch_ws<MODE, CfgLargeWsOneWg, OutT>(p, stream);
+  if (use_split4<MODE, CfgLargeWs, OutT>(p, dev, stream)) return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
+  if (tile_count<CfgLargeWsOneWg>(p) <= sm_count(dev)) return launch_ws<MODE, CfgLargeWsOneWg, OutT>(p, stream);
   return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
 }
 

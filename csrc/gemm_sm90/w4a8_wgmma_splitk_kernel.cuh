@@ -13,7 +13,7 @@
 //      applies the fp32 epilogue (the same operations as epilogue_to_smem) and stores bf16/fp16 rows;
 //   4. cluster barrier again, so that no CTA exits (freeing its shared memory) while another still reads it.
 // No workspace in global memory, no atomics, no second kernel; the launcher picks kSplit so that the clusters fit in
-// one wave (choose_split) and every CTA keeps enough stages to fill its pipeline.
+// one wave (use_split4) and every CTA keeps enough stages to fill its pipeline.
 #pragma once
 
 #include "w4a8_wgmma_ws_kernel.cuh"

@@ -37,9 +37,8 @@ WGMMA_MIN_M = 129
 _logged: set = set()
 
 
-def wgmma_min_m(out_features: int, in_features: int, group_size: int = -1) -> int:
-    """Rows from which the wgmma kernel runs (see above).  in_features and group_size no longer move the crossover
-    (they did before session 10) but stay in the signature: the crossover is a property of the layer's shape."""
+def wgmma_min_m(out_features: int) -> int:
+    """Rows from which the wgmma kernel runs (see above): since session 10 only the layer's width matters."""
     env = os.environ.get("QSERVE_WGMMA_MIN_M")
     if env:
         return int(env)
@@ -72,7 +71,7 @@ class CudaSm90WgmmaKernel(CudaW4A8Kernel):
 
     def __init__(self, spec: LinearSpec):
         super().__init__(spec)
-        self.min_m = wgmma_min_m(spec.out_features, spec.in_features, spec.group_size)
+        self.min_m = wgmma_min_m(spec.out_features)
         key = (spec.mode, self.min_m)
         if key not in _logged:
             _logged.add(key)
