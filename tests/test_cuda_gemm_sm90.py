@@ -112,6 +112,20 @@ def test_grouped_tile_order(mode, mnk):
     _check(mode, n, k, [m], bias_kinds=("same",))
 
 
+# (N, K, M) where v2's last wave would be partly empty, so the launcher runs a head of whole waves and the
+# remaining channels as a 4-way cluster split (launch_head_and_tail; on a 132-SM H100): qkv M = 768 (22 + 2 channel
+# tiles), o M = 1152 (14 + 2), down M = 1152 (K = 14336), qkv M = 1536 (a head of 2 waves), and N = 6176 (a
+# partial 32-channel last tile in the tail).
+HEAD_AND_TAIL = [(6144, 4096, 768), (4096, 4096, 1152), (4096, 14336, 1152), (6144, 4096, 1536), (6176, 4096, 768)]
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("nkm", HEAD_AND_TAIL, ids=lambda s: "x".join(map(str, s)))
+def test_head_and_tail_launch(mode, nkm):
+    """Two launches over disjoint channel ranges: a wrong range leaves NaN-poisoned or doubly written columns."""
+    n, k, m = nkm
+    _check(mode, n, k, [m], bias_kinds=("same",))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m", [1, 100, 200, 700, 2000])  # every tile configuration of the launcher
 def test_integer_accumulation_exact(mode, m):
@@ -159,11 +173,12 @@ def test_dispatch_below_min_m_runs_mma_sync(mode):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("nkm", [(1024, 1024, 512), (4096, 4096, 256)], ids=["unsplit", "cluster-split-k"])
+@pytest.mark.parametrize("nkm", [(1024, 1024, 512), (4096, 4096, 256), (6144, 4096, 768)],
+                         ids=["unsplit", "cluster-split-k", "head-and-tail"])
 def test_cuda_graph_capture(nkm):
     """The op is capturable (no host sync, no allocation but the output) and replays the same result; the
     second shape runs the cluster launch (K split 2 or 4 ways, as the occupancy query allows: the warm-up call
-    before the capture caches it) under the default launcher."""
+    before the capture caches it) under the default launcher, the third two launches (head and tail)."""
     mode, (n, k, m) = "per_group", nkm
     w = make_weights(mode, n, k)
     xq, sx, xsum = make_acts(m, k)

@@ -23,6 +23,10 @@ struct GemmParams {
   int bias_kind;            // 0 none, 1 fp16, 2 bf16, 3 fp32
   void* out;                // [M, N], fp16 or bf16
   int M, N, K;
+  // The channel range [n_begin, n_end) this launch computes (sm_90 wgmma kernels only; N is still the row stride
+  // and the bound of every check).  n_end == 0 means N.  The launcher splits a wave-quantized layer into a head
+  // and a tail launch with these (w4a8_wgmma_launch.cu, launch_head_and_tail).
+  int n_begin, n_end;
 };
 
 // out_bf16: false -> fp16 output.  Return the launch's error (cudaSuccess when queued).

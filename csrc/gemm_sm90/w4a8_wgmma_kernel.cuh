@@ -401,7 +401,8 @@ __device__ __forceinline__ void store_tile(const GemmParams& p, const uint8_t* t
 // token tiles in groups of G (tokens still fastest inside a group, so consecutive CTAs share a weight tile): a
 // group's activation rows, G x kBN x K bytes (<= ~8 MB), stay in L2 while every channel tile passes over them;
 // the weights are re-read once per group (M / (G kBN) times in all, a small fraction of the DRAM time available
-// under a compute-bound GEMM).  With M <= G kBN (one group) the order is the old one.
+// under a compute-bound GEMM).  With M <= G kBN (one group) the order is the old one.  Channel tiles count from
+// p.n_begin (a tail launch, w4a8_wgmma_launch.cu).
 template <class Cfg>
 __device__ __forceinline__ void grouped_tile(const GemmParams& p, int& m0, int& n0) {
   constexpr int kMaxGroup = 16;
@@ -414,7 +415,7 @@ __device__ __forceinline__ void grouped_tile(const GemmParams& p, int& m0, int& 
   const int rows = min(group, m_tiles - g * group);  // token tiles in this group (the last may be partial)
   const int in_group = linear - g * per_group;
   m0 = (g * group + in_group % rows) * Cfg::kBN;
-  n0 = (in_group / rows) * Cfg::kChannels;
+  n0 = p.n_begin + (in_group / rows) * Cfg::kChannels;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

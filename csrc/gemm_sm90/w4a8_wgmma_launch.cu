@@ -25,10 +25,11 @@ namespace {
 //    ways across a thread-block cluster where the clusters fit in one wave (w4a8_wgmma_splitk_kernel.cuh,
 //    use_split4 below: exact int32 partial sums added through distributed shared memory), else, while its CTAs
 //    fit one per SM, v2-1wg: one consumer warpgroup x 128 channels, 2 CTAs per SM (session 10; it replaced the
-//    2-way split).
+//    2-way split).  Where v2's last wave would be mostly empty: v2 on the full waves' channels and the 4-way split
+//    on the rest (launch_head_and_tail, session 11).
 //  * M <= 128: v1, 1 warpgroup x 64 tokens (wgmma n64), 4 stages, 2-3 CTAs/SM, grid ceil(M/64) x ceil(N/128).
 // QSERVE_WGMMA_IMPL (read by the op per call, so that a benchmark or a test can compare kernels in one process;
-// passed here as `impl`) forces, at M > 128: "v2" = v2 without the split; "v2-serial" = that with session 7's
+// passed here as `impl`) forces, at M > 128: "v2" = v2 alone (no split, no head-and-tail launch); "v2-serial" = that with session 7's
 // consume_stage (all 4 k32 steps converted before the stage's wgmmas, no step pipelining); "v2-1wg" = v2 with one
 // consumer warpgroup (128 channels x 128 tokens, 4 stages) and two CTAs per SM; "split2" / "split4" =
 // the cluster split-K kernel with that split whatever the occupancy (2 / 1 where K has fewer stages); "v3" = v2's CTA on a persistent grid (w4a8_wgmma_persistent_kernel.cuh:
@@ -98,10 +99,11 @@ cudaError_t launch_tma(Kernel kernel, int smem, bool (&done)[64], dim3 grid, con
   return cudaGetLastError();
 }
 
-// One CTA per output tile (kBN tokens x kChannels channels), times `z` (the K split).
+// One CTA per output tile (kBN tokens x kChannels channels of the launch's range [n_begin, n_end)), times `z`
+// (the K split).
 template <class Cfg>
 dim3 tile_grid(const GemmParams& p, int z = 1) {
-  return dim3((p.M + Cfg::kBN - 1) / Cfg::kBN, (p.N + Cfg::kChannels - 1) / Cfg::kChannels, z);
+  return dim3((p.M + Cfg::kBN - 1) / Cfg::kBN, (p.n_end - p.n_begin + Cfg::kChannels - 1) / Cfg::kChannels, z);
 }
 template <class Cfg>
 int tile_count(const GemmParams& p) {
@@ -223,6 +225,35 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Wave quantization (run 10, docs/kernels/gemm_sm90.md).  v2's tiles all take about the same time T, so W waves
+// cost W T however empty the last one is (qkv at M = 768: 144 tiles on 132 SMs, 2 T for 1.09 waves of work).
+// Head and tail: the first h channel tiles (every token tile of them, at most W - 1 full waves) run as v2; the
+// remaining channels run as a second launch, the 4-way cluster split, when its clusters fit one wave: measured
+// ~0.55-0.7 T for the tail (a quarter of the MACs, plus its launch, pipeline fill and reduction), so W - 1 + ~0.6
+// waves instead of W (qkv M = 768 53.5 -> 46.6 us, o M = 1152 54.1 -> 46.4, down M = 1152 147.1 -> 112.5).  Tails
+// of the 2-way split or of v2-1wg were measured too and cost as much as the wave they replace (~0.9-1.0 T: qkv
+// M = 896 / 1024, o M = 1536, gate_up M = 512 / 640 ran 2-6% slower), so a tail too large for the 4-way split
+// keeps plain v2 (qkv at M = 1024: 64 tail tiles for ~32 clusters of 4).  Both launches compute disjoint channel
+// ranges with the same integer math: the output is bit-identical to one v2 launch.  Returns false (nothing
+// launched) where there is no head or the tail does not fit.
+template <Mode MODE, typename OutT>
+bool launch_head_and_tail(const GemmParams& p, int dev, cudaStream_t stream, cudaError_t& err) {
+  using Big = CfgLargeWs;
+  const int sms = sm_count(dev);
+  const dim3 g = tile_grid<Big>(p);
+  const int tiles = static_cast<int>(g.x * g.y), waves = (tiles + sms - 1) / sms;
+  if (waves < 2 || p.K / kStageK < 4 * kMinStagesPerSplit) return false;
+  const int head = (waves - 1) * sms / static_cast<int>(g.x);  // channel tiles of the head
+  if (head < 1 || head >= static_cast<int>(g.y)) return false;
+  GemmParams h = p, t = p;
+  h.n_end = p.n_begin + head * Big::kChannels;
+  t.n_begin = h.n_end;
+  if (tile_count<Big>(t) > max_active_clusters<MODE, Big, OutT, 4>(dev, stream)) return false;
+  err = launch_ws<MODE, Big, OutT>(h, stream);
+  if (err == cudaSuccess) err = launch_splitk<MODE, Big, OutT, 4>(t, stream);
+  return true;
+}
+
 template <Mode MODE, typename OutT>
 cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   if (p.M <= 128) return launch_cfg<MODE, CfgSmall, OutT>(p, stream);
@@ -249,12 +280,17 @@ cudaError_t launch_by_m(const GemmParams& p, Impl impl, cudaStream_t stream) {
   // (run 9, M = 256: qkv 23.2 vs 27.6 us, o 22.0 vs 26.3, down 54.8 vs 63.1) and tie v2 from ~128 tiles up.
   if (use_split4<MODE, CfgLargeWs, OutT>(p, dev, stream)) return launch_splitk<MODE, CfgLargeWs, OutT, 4>(p, stream);
   if (tile_count<CfgLargeWsOneWg>(p) <= sm_count(dev)) return launch_ws<MODE, CfgLargeWsOneWg, OutT>(p, stream);
+  cudaError_t err = cudaSuccess;
+  if (launch_head_and_tail<MODE, OutT>(p, dev, stream, err)) return err;
   return launch_ws<MODE, CfgLargeWs, OutT>(p, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_w4a8_wgmma(const GemmParams& p, bool per_group, bool out_bf16, Impl impl, cudaStream_t stream) {
+cudaError_t launch_w4a8_wgmma(const GemmParams& params, bool per_group, bool out_bf16, Impl impl,
+                              cudaStream_t stream) {
+  GemmParams p = params;
+  if (p.n_end == 0) p.n_end = p.N;
   if (per_group)
     return out_bf16 ? launch_by_m<Mode::kPerGroup, nv_bfloat16>(p, impl, stream)
                     : launch_by_m<Mode::kPerGroup, half>(p, impl, stream);

@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t empty_bar = full_bar + 8 * Cfg::kStages;
 
   const int tid = threadIdx.x, wg = tid >> 7;
-  const int m0 = blockIdx.x * Cfg::kBN, n0 = blockIdx.y * Cfg::kChannels;
+  const int m0 = blockIdx.x * Cfg::kBN, n0 = p.n_begin + blockIdx.y * Cfg::kChannels;
   const uint32_t rank = cluster_ctarank();
   // This rank's K stages: a contiguous range, ceil-split (the launcher guarantees each rank at least one).
   const int ktiles = p.K / kStageK, per = (ktiles + kSplit - 1) / kSplit;
