@@ -130,19 +130,24 @@ cudaError_t launch_persistent(const GemmParams& p, int dev, cudaStream_t stream)
   return launch_tma<Cfg>(w4a8_wgmma_persistent_kernel<MODE, Cfg, OutT>, kSmem, done, dim3(grid), p, stream);
 }
 
+// after_head: launched with programmatic stream serialization (PDL) behind a head launch, so its CTAs start on the
+// SMs the head's CTAs leave instead of after the head's grid has completed and this launch has been processed.
 template <Mode MODE, class Cfg, int kSplit>
-void fill_cluster_launch(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, dim3 grid, cudaStream_t stream) {
+void fill_cluster_launch(cudaLaunchConfig_t& cfg, cudaLaunchAttribute (&attr)[2], dim3 grid, cudaStream_t stream,
+                         bool after_head = false) {
   cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(Cfg::kThreads);
   cfg.dynamicSmemBytes = SplitKSmem<MODE, Cfg, kSplit>::kTotal;
   cfg.stream = stream;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = kSplit;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = kSplit;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = after_head ? 2 : 1;
 }
 
 // The split-K kernel and its opt-in flags, one per instantiation (shared by the occupancy query and the launch).
@@ -170,7 +175,7 @@ int max_active_clusters(int dev, cudaStream_t stream) {
   if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) return -1;
   if (K::prepare() != cudaSuccess) return -1;
   cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr;
+  cudaLaunchAttribute attr[2];
   fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, dim3(1, 1, kSplit), nullptr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, K::kernel, &cfg) != cudaSuccess) {
@@ -182,7 +187,7 @@ int max_active_clusters(int dev, cudaStream_t stream) {
 }
 
 template <Mode MODE, class Cfg, typename OutT, int kSplit>
-cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream, bool after_head = false) {
   using K = SplitK<MODE, Cfg, OutT, kSplit>;
   cudaError_t e = K::prepare();
   if (e != cudaSuccess) return e;
@@ -190,8 +195,8 @@ cudaError_t launch_splitk(const GemmParams& p, cudaStream_t stream) {
   e = make_act_map<Cfg>(p, &map);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr;
-  fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, tile_grid<Cfg>(p, kSplit), stream);
+  cudaLaunchAttribute attr[2];
+  fill_cluster_launch<MODE, Cfg, kSplit>(cfg, attr, tile_grid<Cfg>(p, kSplit), stream, after_head);
   return cudaLaunchKernelEx(&cfg, K::kernel, map, p);
 }
 
@@ -233,7 +238,10 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
 // waves instead of W (qkv M = 768 53.5 -> 46.6 us, o M = 1152 54.1 -> 46.4, down M = 1152 147.1 -> 112.5).  Tails
 // of the 2-way split or of v2-1wg were measured too and cost as much as the wave they replace (~0.9-1.0 T: qkv
 // M = 896 / 1024, o M = 1536, gate_up M = 512 / 640 ran 2-6% slower), so a tail too large for the 4-way split
-// keeps plain v2 (qkv at M = 1024: 64 tail tiles for ~32 clusters of 4).  Both launches compute disjoint channel
+// keeps plain v2 (qkv at M = 1024: 64 tail tiles for ~32 clusters of 4).  The tail is launched with PDL
+// (programmatic stream serialization): the head triggers it at its start, so tail CTAs take SMs as head CTAs exit
+// instead of after the head grid completes (the tail waits for the head only before it exits; wgmma_ptx.cuh).
+// Both launches compute disjoint channel
 // ranges with the same integer math: the output is bit-identical to one v2 launch.  Returns false (nothing
 // launched) where there is no head or the tail does not fit.
 template <Mode MODE, typename OutT>
@@ -250,7 +258,7 @@ bool launch_head_and_tail(const GemmParams& p, int dev, cudaStream_t stream, cud
   t.n_begin = h.n_end;
   if (tile_count<Big>(t) > max_active_clusters<MODE, Big, OutT, 4>(dev, stream)) return false;
   err = launch_ws<MODE, Big, OutT>(h, stream);
-  if (err == cudaSuccess) err = launch_splitk<MODE, Big, OutT, 4>(t, stream);
+  if (err == cudaSuccess) err = launch_splitk<MODE, Big, OutT, 4>(t, stream, /*after_head=*/true);
   return true;
 }
 

@@ -159,6 +159,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     __syncwarp();  // lanes that skipped rows past M / N rejoin before the .aligned barrier
     cluster_sync();  // the other ranks have finished reading this CTA's partial tile
   }
+  // A tail launch (PDL, after a head): do not complete before the head has (no-op for a plain launch).
+  pdl_wait_prerequisites();
 #endif
 }
 

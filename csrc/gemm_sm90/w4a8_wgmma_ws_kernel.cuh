@@ -129,6 +129,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
   int m0, n0;  // first token and channel of this CTA's tile (grouped order, w4a8_wgmma_kernel.cuh)
   grouped_tile<Cfg>(p, m0, n0);
   const int ktiles = p.K / kStageK;
+  // A head launch (its channel range ends before N): the tail launch may be scheduled now, onto SMs as they free up.
+  if (p.n_end < p.N) pdl_launch_dependents();
 
   if (tid == 0) init_stage_barriers<Cfg>(full_bar, empty_bar);
   __syncthreads();

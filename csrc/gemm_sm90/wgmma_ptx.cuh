@@ -85,5 +85,12 @@ __device__ __forceinline__ void wgmma_m64n128k32_s8_rs(int (&d)[64], const uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
+// Programmatic dependent launch (PDL), used by the head-and-tail launch (w4a8_wgmma_launch.cu).  The head grid
+// lets the tail grid be scheduled before it completes; the tail, which reads nothing the head writes, waits for the
+// head's completion only at its very end, so that whatever runs after the tail on the stream sees both outputs.
+// Without a PDL launch both are no-ops.
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait_prerequisites() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 }  // namespace gemm_sm90
 }  // namespace qserve
