@@ -25,7 +25,9 @@ struct GemmParams {
   int M, N, K;
   // The channel range [n_begin, n_end) this launch computes (sm_90 wgmma kernels only; N is still the row stride
   // and the bound of every check).  n_end == 0 means N.  The launcher splits a wave-quantized layer into a head
-  // and a tail launch with these (w4a8_wgmma_launch.cu, launch_head_and_tail).
+  // and a tail launch with these (w4a8_wgmma_launch.cu, launch_head_and_tail).  The kernels bound channels by N,
+  // not n_end, so a range that ends before N must end on a CTA tile boundary (the head: whole 256-channel tiles);
+  // v3 (persistent) ignores the range and must be given the whole of N.
   int n_begin, n_end;
 };
 
