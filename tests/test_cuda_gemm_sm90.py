@@ -29,9 +29,9 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True, params=["auto", "v2", "v2-serial", "v2-1wg", "v3", "v1", "split4"])
 def wgmma_impl(request, monkeypatch):
-    """Every test runs with the launcher's own choice at M > 128 (v2, warp-specialized, with K split 2 or 4 ways
-    across a cluster where the tiles are few: e.g. M = 129-300 on 4096-channel layers, test_integer_accumulation
-    and test_extreme_values), with v2 unsplit, v2 without step pipelining (v2-serial), v2 with one consumer warpgroup and two CTAs per SM
+    """Every test runs with the launcher's own choice at M > 128 (v2, warp-specialized; where the tiles are few, K
+    split 4 ways across a cluster or v2-1wg: e.g. M = 129-300 on 4096-channel layers, test_integer_accumulation
+    and test_extreme_values; a head and a split tail where the last wave is mostly empty), with v2 alone, v2 without step pipelining (v2-serial), v2 with one consumer warpgroup and two CTAs per SM
     (v2-1wg: 128-channel tiles, so also partial ones at N = 32 mod 128), the 4-way split whatever the
     occupancy (split4: several waves of clusters at large M), v3 (v2 on a persistent grid: one CTA per SM, so the large M and N
     here give each CTA several tiles, partial ones included) and v1 (cp.async) forced (QSERVE_WGMMA_IMPL, read by
@@ -177,8 +177,8 @@ def test_dispatch_below_min_m_runs_mma_sync(mode):
                          ids=["unsplit", "cluster-split-k", "head-and-tail"])
 def test_cuda_graph_capture(nkm):
     """The op is capturable (no host sync, no allocation but the output) and replays the same result; the
-    second shape runs the cluster launch (K split 2 or 4 ways, as the occupancy query allows: the warm-up call
-    before the capture caches it) under the default launcher, the third two launches (head and tail)."""
+    second shape runs the few-tile path (the 4-way cluster split where the occupancy query, cached by the warm-up
+    call before the capture, allows it, else v2-1wg), the third two launches (a head and a split tail, with PDL)."""
     mode, (n, k, m) = "per_group", nkm
     w = make_weights(mode, n, k)
     xq, sx, xsum = make_acts(m, k)

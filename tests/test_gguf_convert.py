@@ -226,3 +226,14 @@ def test_cli_convert_gguf_rtn_only(smollm2_gguf, smollm2_hf, tmp_path):
     # the demo serves the sum of the quantized activations (convert_gguf's docstring gives the perplexities)
     assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["activation_sum"] == "quantized"
     print(f"plain RTN W4A8: {_agreement(out, sd, cfg):.0%} next-token agreement with fp32")
+
+
+def test_writer_rejects_an_unknown_activation_sum(tmp_path):
+    """A mistyped activation_sum (CLI choices guard the commands; this is the Python API) fails before any file."""
+    from vllm_qserve.convert.writer import save_checkpoint
+    from vllm_qserve.precision import parse_precision
+
+    out = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match="activation_sum must be one of .*'quantised'"):
+        save_checkpoint(str(out), {}, {}, parse_precision("w4a8"), -1, activation_sum="quantised")
+    assert not out.exists()

@@ -66,9 +66,8 @@ def convert_gguf(gguf_path: str, output: str, precision: str = "w4a8", group_siz
             state_dict, hf_config = prepare_for_w4a8(state_dict, hf_config, hf_dir)
             print(f"[convert] rotated, smoothed and clipped for W4A8 ({time.perf_counter() - t0:.1f}s)",
                   file=sys.stderr)
-        per_channel_w4 = (prec.weight_bits, group_size) == (4, -1)
         write_checkpoint(q_dir, state_dict, hf_config, prec, group_size, tokenizer_dir=hf_dir, fmt=fmt,
-                         activation_sum=activation_sum if per_channel_w4 else None)
+                         activation_sum=activation_sum)  # recorded for per-channel W4 only (writer.py)
         del state_dict
         inspect_checkpoint(q_dir, cfg)
         os.makedirs(output, exist_ok=True)

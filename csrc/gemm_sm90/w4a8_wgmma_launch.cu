@@ -241,22 +241,21 @@ cudaError_t launch_cfg(const GemmParams& p, cudaStream_t stream) {
 // keeps plain v2 (qkv at M = 1024: 64 tail tiles for ~32 clusters of 4).  The tail is launched with PDL
 // (programmatic stream serialization): the head triggers it at its start, so tail CTAs take SMs as head CTAs exit
 // instead of after the head grid completes (the tail waits for the head only before it exits; wgmma_ptx.cuh).
-// Both launches compute disjoint channel
-// ranges with the same integer math: the output is bit-identical to one v2 launch.  Returns false (nothing
-// launched) where there is no head or the tail does not fit.
+// Both launches compute disjoint channel ranges with the same integer math: the output is bit-identical to one v2
+// launch.  Returns false (nothing launched) where there is no head or the tail is not a use_split4 shape.
 template <Mode MODE, typename OutT>
 bool launch_head_and_tail(const GemmParams& p, int dev, cudaStream_t stream, cudaError_t& err) {
   using Big = CfgLargeWs;
   const int sms = sm_count(dev);
   const dim3 g = tile_grid<Big>(p);
-  const int tiles = static_cast<int>(g.x * g.y), waves = (tiles + sms - 1) / sms;
-  if (waves < 2 || p.K / kStageK < 4 * kMinStagesPerSplit) return false;
-  const int head = (waves - 1) * sms / static_cast<int>(g.x);  // channel tiles of the head
-  if (head < 1 || head >= static_cast<int>(g.y)) return false;
+  const int waves = (static_cast<int>(g.x * g.y) + sms - 1) / sms;
+  // Channel tiles of the head; with waves >= 2 there are more than (waves - 1) sms tiles, so head < g.y.
+  const int head = (waves - 1) * sms / static_cast<int>(g.x);
+  if (waves < 2 || head < 1) return false;
   GemmParams h = p, t = p;
   h.n_end = p.n_begin + head * Big::kChannels;
   t.n_begin = h.n_end;
-  if (tile_count<Big>(t) > max_active_clusters<MODE, Big, OutT, 4>(dev, stream)) return false;
+  if (!use_split4<MODE, Big, OutT>(t, dev, stream)) return false;
   err = launch_ws<MODE, Big, OutT>(h, stream);
   if (err == cudaSuccess) err = launch_splitk<MODE, Big, OutT, 4>(t, stream, /*after_head=*/true);
   return true;

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from vllm_qserve.checkpoint import KEY_CENTER
 from vllm_qserve.convert.rtn import quantize_weight
 from vllm_qserve.precision import Precision, check_group_size
+from vllm_qserve.reference.activation import check_activation_sum
 
 _PROJ_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
@@ -56,6 +57,8 @@ def save_checkpoint(out_dir: str, tensors: dict, hf_config: dict, precision: Pre
     activation_sum: the per-channel W4A8 activation sum the tensors were made for ("input", QServe's, when None;
     recorded in quantization_config for per-channel W4 checkpoints, where it matters)."""
     group_size = check_group_size(group_size, precision.weight_bits)
+    if activation_sum is not None:
+        check_activation_sum(activation_sum)  # before anything is written
     os.makedirs(out_dir, exist_ok=True)
     tensors = dict(tensors)
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" in tensors:
